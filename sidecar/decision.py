@@ -1,0 +1,91 @@
+"""Decide a request from what it carries and what Redis holds: no I/O here.
+
+The order is Wacrm's: the key (401), then the scope the route needs (403).  Every 401 has one
+body whatever the cause, so a revoked key cannot be told from an unknown one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import orjson
+
+from sidecar.records import KeyRecord
+from sidecar.routes import NO_SCOPE, Route
+
+REALM = 'Bearer realm="wacrm"'
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A refusal: the status, Wacrm's JSON body and the headers that go with it."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Why, for metrics and debug logs; never shown to the client.
+    reason: str = ""
+
+
+def _error(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+UNAUTHORIZED_BODY = _error("unauthorized", "Missing or invalid API key")
+INTERNAL_BODY = _error("internal", "Internal server error")
+UNAVAILABLE_BODY = _error("internal", "Rate limit service unavailable")
+
+#: No credential at all: RFC 6750 asks for the challenge without an error code.
+NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, {"WWW-Authenticate": REALM}, "missing")
+
+
+def invalid_credential(reason: str) -> Denial:
+    """Refuse a credential that is malformed, unknown, revoked or expired, all alike."""
+    return Denial(
+        401, UNAUTHORIZED_BODY, {"WWW-Authenticate": f'{REALM}, error="invalid_token"'}, reason
+    )
+
+
+MALFORMED = invalid_credential("malformed")
+UNKNOWN = invalid_credential("unknown")
+EXPIRED = invalid_credential("expired")
+UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, {"Retry-After": "1"}, "unavailable")
+MISCONFIGURED = Denial(500, INTERNAL_BODY, {}, "misconfigured")
+BAD_PATH = Denial(400, _error("bad_request", "Malformed request path"), {}, "bad_path")
+SPOOFED = Denial(
+    400,
+    _error("bad_request", "Request carries reserved X-Wacrm-* headers"),
+    {},
+    "spoofed_headers",
+)
+UNLISTED_ROUTE = Denial(
+    403,
+    _error("forbidden", "This route is not available to API keys"),
+    {"WWW-Authenticate": f'{REALM}, error="insufficient_scope"'},
+    "unlisted_route",
+)
+
+
+@lru_cache(maxsize=512)
+def missing_scope(scope: str) -> Denial:
+    """Refuse a key that lacks *scope*."""
+    return Denial(
+        403,
+        _error("forbidden", f"This API key is missing the '{scope}' scope"),
+        {"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
+        "missing_scope",
+    )
+
+
+def authorize(record: KeyRecord, route: Route | None, *, allow_unlisted: bool) -> Denial | None:
+    """Return why *record* may not call *route*, or None when it may.
+
+    *route* is None for a path the policy does not list; *allow_unlisted* lets any valid key
+    through there.
+    """
+    if route is None:
+        return None if allow_unlisted else UNLISTED_ROUTE
+    if route.scope == NO_SCOPE or route.scope in record.scopes:
+        return None
+    return missing_scope(route.scope)

@@ -1,0 +1,123 @@
+"""Settings read from ``WACRM_*`` environment variables and command-line flags.
+
+Each process declares its settings once, as `Option`s; from that list come the frozen
+settings object, the ``--help`` text and the errors that name the variable at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class SettingError(ValueError):
+    """A setting has a value the process cannot start with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its field name, environment variable, flag, parser, default and help."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def read(
+    options: Sequence[Option],
+    environ: Mapping[str, str],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """Return each option's value: from *argv*, else *environ*, else its default.
+
+    Raise `SettingError` naming the flag or variable whose value does not parse.
+    """
+    values: dict[str, Any] = {}
+    cli: dict[str, str] = {}
+    if argv is not None:
+        cli = _parse_argv(options, argv, prog=prog, description=description)
+    for opt in options:
+        if opt.name in cli:
+            raw, origin = cli[opt.name], opt.flag
+        elif opt.env in environ:
+            raw, origin = environ[opt.env], opt.env
+        else:
+            values[opt.name] = opt.default
+            continue
+        try:
+            values[opt.name] = opt.parse(raw)
+        except (ValueError, TypeError) as e:
+            raise SettingError(f"{origin}={raw!r}: {e}") from None
+    return values
+
+
+def positive_float(raw: str) -> float:
+    """Parse a number greater than zero."""
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a number greater than 0")
+    return value
+
+
+def port(raw: str) -> int:
+    """Parse a TCP port number."""
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def positive_int(raw: str) -> int:
+    """Parse a whole number greater than zero."""
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    """Return a parser accepting one of *allowed*, case-insensitively."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _parse_argv(
+    options: Sequence[Option],
+    argv: Sequence[str],
+    *,
+    prog: str | None,
+    description: str | None,
+) -> dict[str, str]:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for opt in options:
+        default = "unset" if opt.default is None else opt.default
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            metavar="VALUE",
+            help=f"{opt.help} [env {opt.env}, default {default}]",
+        )
+    ns = parser.parse_args(argv)
+    return {k: v for k, v in vars(ns).items() if v is not None}
+

@@ -1,0 +1,171 @@
+"""The Redis contract shared by the sidecar (reader) and the loader (writer).
+
+Everything about how a key lives in Redis is decided here and nowhere else:
+
+``{prefix}key:{<hash>}``
+    The key's record: a JSON object (see `encode`), present exactly while the key is active.
+    Revocation is the deletion of this Redis key.  A key with an expiry carries a Redis expiry
+    at the same instant, so it vanishes on time even when no loader runs.
+``{prefix}gone:{<hash>}``
+    A tombstone: the version (Redis time in ms) at which the record was last deleted.  It keeps
+    an older snapshot of the key table from writing a revoked key back (no resurrection).
+``{prefix}rl:{<hash>}``
+    Reserved for the key's rate-limit state.
+``{prefix}loaded``
+    Written after every full reconcile.  Its absence tells the loader that Redis lost its data.
+
+``<hash>`` is the lowercase hex SHA-256 of the whole plaintext key.  The ``{...}`` hash tag puts
+every per-key Redis key in one Redis Cluster slot, so a server-side script may touch them
+together.  The prefix lets several deployments share one Redis.
+
+Every write carries a *version*: the Redis server time, in milliseconds, taken *before* the
+source was read.  A write or delete only applies when its version is not older than what Redis
+already holds for that key (record or tombstone), so a slow snapshot can never undo a newer
+change.  The version is the record's first field, so the scripts read it without a JSON parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import orjson
+
+DEFAULT_PREFIX = "wacrm:"
+#: How long a tombstone outlives the deletion; it must exceed the longest full reconcile.
+TOMBSTONE_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What the gate knows about an active key."""
+
+    key_id: str
+    account_id: str
+    account_name: str | None
+    key_prefix: str
+    scopes: tuple[str, ...]
+    #: Unix time in milliseconds after which the key is refused; None = never expires.
+    expires_at_ms: int | None = None
+
+    def is_expired(self, now_ms: int) -> bool:
+        """Tell whether the key has expired at *now_ms*."""
+        return self.expires_at_ms is not None and now_ms >= self.expires_at_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Name the Redis keys of one deployment, all under *prefix*."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def record(self, key_hash: str) -> str:
+        """Return the Redis key holding the record of *key_hash*."""
+        return f"{self.prefix}key:{{{key_hash}}}"
+
+    def tombstone(self, key_hash: str) -> str:
+        """Return the Redis key holding the tombstone of *key_hash*."""
+        return f"{self.prefix}gone:{{{key_hash}}}"
+
+    def rate(self, key_hash: str) -> str:
+        """Return the Redis key holding the rate-limit state of *key_hash*."""
+        return f"{self.prefix}rl:{{{key_hash}}}"
+
+    @property
+    def loaded(self) -> str:
+        """Return the Redis key that marks a completed full reconcile."""
+        return f"{self.prefix}loaded"
+
+    @property
+    def record_pattern(self) -> str:
+        """Return the SCAN pattern matching every record of this deployment."""
+        return f"{_glob_escape(self.prefix)}key:{{*}}"
+
+    def hash_of(self, redis_key: str | bytes) -> str:
+        """Return the key hash inside a record's Redis key *redis_key*."""
+        if isinstance(redis_key, bytes):
+            redis_key = redis_key.decode()
+        return redis_key[redis_key.index("{") + 1 : -1]
+
+
+def hash_key(plaintext: str) -> str:
+    """Return the lowercase hex SHA-256 of the whole *plaintext* key, as Wacrm stores it."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def encode(record: KeyRecord, *, version: int) -> bytes:
+    """Serialise *record* at *version* into the bytes stored in Redis."""
+    return orjson.dumps(
+        {
+            "v": version,
+            "k": record.key_id,
+            "a": record.account_id,
+            "n": record.account_name,
+            "p": record.key_prefix,
+            "s": record.scopes,
+            "e": record.expires_at_ms,
+        }
+    )
+
+
+def decode(raw: bytes | str) -> KeyRecord:
+    """Parse the bytes *raw* of a stored record; raise ValueError when they are not one."""
+    try:
+        d = orjson.loads(raw)
+        return KeyRecord(
+            key_id=d["k"],
+            account_id=d["a"],
+            account_name=d["n"],
+            key_prefix=d["p"],
+            scopes=tuple(d["s"]),
+            expires_at_ms=d["e"],
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"not a key record: {e}") from None
+
+
+def version_of(raw: bytes | str) -> int:
+    """Return the version a stored record was written at."""
+    return int(orjson.loads(raw)["v"])
+
+
+# KEYS: record, tombstone.  ARGV: payload, version, expires_at_ms ("" = never).
+# Returns 1 when written, 0 when a newer record or tombstone kept it out.
+PUT_SCRIPT = """
+local ver = tonumber(ARGV[2])
+local gone = redis.call('GET', KEYS[2])
+if gone and tonumber(gone) > ver then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+  if cv and cv > ver then return 0 end
+  if cur == ARGV[1] then return 1 end
+end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[3])
+end
+return 1
+"""
+
+# KEYS: record, tombstone.  ARGV: version, tombstone ttl ms.
+# Returns 1 when the record is gone (deleted now or absent), 0 when a newer record kept it.
+DELETE_SCRIPT = """
+local ver = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+  if cv and cv > ver then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+local gone = redis.call('GET', KEYS[2])
+if (not gone) or tonumber(gone) < ver then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

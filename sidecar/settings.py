@@ -1,0 +1,86 @@
+"""The sidecar's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar import options
+from sidecar.options import Option
+from sidecar.records import DEFAULT_PREFIX
+
+OPTIONS = (
+    Option("host", "WACRM_HOST", str, "127.0.0.1", "address to listen on"),
+    Option("port", "WACRM_PORT", options.port, 9180, "TCP port to listen on"),
+    Option(
+        "redis_url",
+        "WACRM_REDIS_URL",
+        str,
+        "redis://127.0.0.1:6379/0",
+        "Redis holding the key records (redis:// or rediss://, or unix:// for a socket)",
+    ),
+    Option(
+        "redis_prefix",
+        "WACRM_REDIS_PREFIX",
+        str,
+        DEFAULT_PREFIX,
+        "prefix of every Redis key the gate uses; lets deployments share one Redis",
+    ),
+    Option(
+        "redis_timeout",
+        "WACRM_REDIS_TIMEOUT",
+        options.positive_float,
+        0.5,
+        "seconds a Redis lookup may take before the request is refused with 503",
+    ),
+    Option(
+        "routes",
+        "WACRM_ROUTES",
+        Path,
+        None,
+        "route policy file (METHODS PATH SCOPE lines); unset = Wacrm's own route table",
+    ),
+    Option(
+        "unknown_routes",
+        "WACRM_UNKNOWN_ROUTES",
+        options.choice("deny", "allow"),
+        "deny",
+        "what a valid key gets on a route the policy does not list: deny (403) or allow",
+    ),
+    Option(
+        "log_level",
+        "WACRM_LOG_LEVEL",
+        options.choice("debug", "info", "warning", "error"),
+        "info",
+        "log level",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How one sidecar process runs; every field is documented in `OPTIONS` and the README."""
+
+    host: str = "127.0.0.1"
+    port: int = 9180
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = DEFAULT_PREFIX
+    redis_timeout: float = 0.5
+    routes: Path | None = None
+    unknown_routes: str = "deny"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], argv: Sequence[str] | None = None
+    ) -> Settings:
+        """Read settings from *environ*, overridden by the flags in *argv*."""
+        values = options.read(
+            OPTIONS,
+            environ,
+            argv,
+            prog="wacrm-sidecar",
+            description="Wacrm gate: the auth_request / forward-auth verifier.",
+        )
+        return cls(**values)
