@@ -1,0 +1,132 @@
+"""Start and stop the real servers the gate runs with, on free local ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX_DIR = ROOT / "nginx"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts connections on *port*; fail if *proc* dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def find_binary(name: str) -> str:
+    """Return the path of the program *name*, looking in the sbin folders too."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed; run scripts/bootstrap")
+    return found
+
+
+class Process:
+    """A child process we started, stopped politely and then firmly."""
+
+    def __init__(self, argv: Sequence[str], *, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.port = port
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 15.0) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def redis_server(workdir: Path, port: int | None = None) -> Process:
+    """Return a throw-away redis-server (no persistence) on *port*."""
+    port = port or free_port()
+    argv = [
+        find_binary("redis-server"),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "yes",
+    ]
+    return Process(argv, port=port, log=workdir / f"redis-{port}.log")
+
+
+def sidecar(workdir: Path, *, redis_url: str, port: int | None = None, extra_env: dict[str, str] | None = None) -> Process:
+    """Return the sidecar serving on *port* against *redis_url*."""
+    port = port or free_port()
+    env = {**os.environ, "WACRM_REDIS_URL": redis_url, "WACRM_PORT": str(port), **(extra_env or {})}
+    return Process([sys.executable, "-m", "sidecar"], port=port, log=workdir / f"sidecar-{port}.log", env=env)
+
+
+def upstream(workdir: Path, port: int | None = None) -> Process:
+    """Return the echoing demo upstream on *port*."""
+    port = port or free_port()
+    return Process(
+        [sys.executable, "-m", "demo.upstream", "--port", str(port)],
+        port=port, log=workdir / f"upstream-{port}.log",
+    )
+
+
+def render_nginx(workdir: Path, *, listen: int, sidecar_port: int, upstream_port: int) -> Path:
+    """Write the shipped example config with these ports into *workdir*; return its path."""
+    text = (NGINX_DIR / "nginx.conf").read_text()
+    for placeholder, value in {
+        "@RUNDIR@": str(workdir),
+        "@NGINX_DIR@": str(NGINX_DIR),
+        "@LISTEN@": f"127.0.0.1:{listen}",
+        "@SIDECAR@": f"127.0.0.1:{sidecar_port}",
+        "@UPSTREAM@": f"127.0.0.1:{upstream_port}",
+    }.items():
+        text = text.replace(placeholder, value)
+    (workdir / "nginx-tmp").mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def nginx(workdir: Path, *, sidecar_port: int, upstream_port: int, port: int | None = None) -> Process:
+    """Return nginx running the shipped example config in the foreground."""
+    port = port or free_port()
+    conf = render_nginx(workdir, listen=port, sidecar_port=sidecar_port, upstream_port=upstream_port)
+    argv = [find_binary("nginx"), "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+    return Process(argv, port=port, log=workdir / f"nginx-{port}.log")

@@ -1,0 +1,52 @@
+"""Fixtures shared by every test: a real redis-server of our own, and a client flushed per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from demo import procs
+
+
+class RedisServer:
+    """A redis-server on a free port that a test may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.process = procs.redis_server(workdir)
+        self.port = self.process.port
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if not self.process.running:
+            self.process.start()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return a folder for the session's server logs and configs."""
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """Run one redis-server for the session; tests that stop it must start it again."""
+    server = RedisServer(workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """Return a client of the session's Redis, emptied before the test."""
+    redis_server.start()
+    client = Redis.from_url(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
