@@ -23,7 +23,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, *, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, *, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts connections on *port*; fail if *proc* dies first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,7 +50,9 @@ def find_binary(name: str) -> str:
 class Process:
     """A child process we started, stopped politely and then firmly."""
 
-    def __init__(self, argv: Sequence[str], *, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, port: int, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = list(argv)
         self.port = port
         self.log = log
@@ -58,7 +62,11 @@ class Process:
     def start(self, *, timeout: float = 15.0) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
             )
         wait_for_port(self.port, timeout=timeout, proc=self.proc)
 
@@ -85,17 +93,37 @@ def redis_server(workdir: Path, port: int | None = None) -> Process:
     port = port or free_port()
     argv = [
         find_binary("redis-server"),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "yes",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
     ]
     return Process(argv, port=port, log=workdir / f"redis-{port}.log")
 
 
-def sidecar(workdir: Path, *, redis_url: str, port: int | None = None, extra_env: dict[str, str] | None = None) -> Process:
+def sidecar(
+    workdir: Path,
+    *,
+    redis_url: str,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Process:
     """Return the sidecar serving on *port* against *redis_url*."""
     port = port or free_port()
     env = {**os.environ, "WACRM_REDIS_URL": redis_url, "WACRM_PORT": str(port), **(extra_env or {})}
-    return Process([sys.executable, "-m", "sidecar"], port=port, log=workdir / f"sidecar-{port}.log", env=env)
+    return Process(
+        [sys.executable, "-m", "sidecar"], port=port, log=workdir / f"sidecar-{port}.log", env=env
+    )
 
 
 def upstream(workdir: Path, port: int | None = None) -> Process:
@@ -103,7 +131,8 @@ def upstream(workdir: Path, port: int | None = None) -> Process:
     port = port or free_port()
     return Process(
         [sys.executable, "-m", "demo.upstream", "--port", str(port)],
-        port=port, log=workdir / f"upstream-{port}.log",
+        port=port,
+        log=workdir / f"upstream-{port}.log",
     )
 
 
@@ -124,9 +153,13 @@ def render_nginx(workdir: Path, *, listen: int, sidecar_port: int, upstream_port
     return conf
 
 
-def nginx(workdir: Path, *, sidecar_port: int, upstream_port: int, port: int | None = None) -> Process:
+def nginx(
+    workdir: Path, *, sidecar_port: int, upstream_port: int, port: int | None = None
+) -> Process:
     """Return nginx running the shipped example config in the foreground."""
     port = port or free_port()
-    conf = render_nginx(workdir, listen=port, sidecar_port=sidecar_port, upstream_port=upstream_port)
+    conf = render_nginx(
+        workdir, listen=port, sidecar_port=sidecar_port, upstream_port=upstream_port
+    )
     argv = [find_binary("nginx"), "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
     return Process(argv, port=port, log=workdir / f"nginx-{port}.log")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -27,6 +27,7 @@ SCOPES_HEADER = "X-Wacrm-Scopes"
 #: On a refusal to nginx: the status the client must get and the exact body to send.
 STATUS_HEADER = "X-Wacrm-Status"
 ERROR_HEADER = "X-Wacrm-Error"
+CHALLENGE_HEADER = "X-Wacrm-Challenge"
 
 settings_key = web.AppKey("settings", Settings)
 policy_key = web.AppKey("policy", Policy)
@@ -49,6 +50,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
     app[policy_key] = load_policy(settings.routes)
     app.cleanup_ctx.append(_redis_ctx(redis))
     app.router.add_route("*", "/auth", auth)
+    app.router.add_route("*", "/forward-auth", forward_auth)
     app.router.add_route("*", "/api/v1/me", me)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -56,11 +58,28 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Applica
 
 
 async def auth(request: web.Request) -> web.Response:
-    """Answer the proxy: 200 with identity headers, or a refusal it can render."""
-    original = _original(request)
+    """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render."""
+    original = _nginx_original(request)
     if original is None:
-        log.error("auth request without X-Original-URI, X-Original-URL or X-Forwarded-Uri")
+        log.error("auth request without X-Original-URI or X-Original-URL; check the nginx snippet")
         return _refuse(decision.MISCONFIGURED, nginx=True)
+    return await _verify(request, original)
+
+
+async def forward_auth(request: web.Request) -> web.Response:
+    """Answer a forward-auth proxy (Traefik, Caddy): the refusal is sent to the client as is.
+
+    A separate endpoint, so that a header a client may send (X-Original-URI reaches a
+    forward-auth server untouched) can never choose which route is checked.
+    """
+    original = _forwarded_original(request)
+    if original is None:
+        log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
+        return _refuse(decision.MISCONFIGURED, nginx=False)
+    return await _verify(request, original)
+
+
+async def _verify(request: web.Request, original: Original) -> web.Response:
     denial, record = await _check(request, original)
     if denial is not None:
         return _refuse(denial, nginx=original.nginx)
@@ -140,29 +159,35 @@ async def _check(
         return decision.EXPIRED, None
     settings = request.app[settings_key]
     route = request.app[policy_key].match(original.method, path)
-    denial = decision.authorize(
-        record, route, allow_unlisted=settings.unknown_routes == "allow"
-    )
+    denial = decision.authorize(record, route, allow_unlisted=settings.unknown_routes == "allow")
     return denial, record
 
 
-def _original(request: web.Request) -> Original | None:
+def _nginx_original(request: web.Request) -> Original | None:
+    """Read what nginx's auth_request (or ingress-nginx, with a full URL) says it asks about."""
     h = request.headers
+    method = h.get("X-Original-Method", "GET").upper()
     uri = h.get("X-Original-URI")
     if uri is not None:
-        return Original(h.get("X-Original-Method", "GET").upper(), uri, nginx=True)
+        return Original(method, uri, nginx=True)
     url = h.get("X-Original-URL")
     if url is not None:
-        return Original(h.get("X-Original-Method", "GET").upper(), _path_of(url), nginx=True)
-    uri = h.get("X-Forwarded-Uri")
-    if uri is not None:
-        return Original(h.get("X-Forwarded-Method", "GET").upper(), uri, nginx=False)
+        return Original(method, _path_of(url), nginx=True)
     return None
+
+
+def _forwarded_original(request: web.Request) -> Original | None:
+    """Read what a forward-auth proxy (Traefik, Caddy) says it asks about."""
+    h = request.headers
+    uri = h.get("X-Forwarded-Uri")
+    if uri is None:
+        return None
+    return Original(h.get("X-Forwarded-Method", "GET").upper(), uri, nginx=False)
 
 
 def _path_of(url: str) -> str:
     """Return the request target of the absolute *url* (scheme://host/target)."""
-    scheme, sep, rest = url.partition("://")
+    _, sep, rest = url.partition("://")
     if not sep:
         return url
     slash = rest.find("/")
@@ -170,9 +195,7 @@ def _path_of(url: str) -> str:
 
 
 def _carries_reserved_headers(request: web.Request) -> bool:
-    return any(
-        name[:8].lower() in ("x-wacrm-", "x_wacrm_") for name in request.headers
-    )
+    return any(name[:8].lower() in ("x-wacrm-", "x_wacrm_") for name in request.headers)
 
 
 def _refuse(denial: Denial, *, nginx: bool) -> web.Response:
@@ -181,18 +204,26 @@ def _refuse(denial: Denial, *, nginx: bool) -> web.Response:
         return _json(denial.status, denial.body, denial.headers)
     # auth_request passes only 2xx, 401 and 403; anything else becomes nginx's 500, which
     # the shipped snippets turn into 503.  So 400 and 429 travel as 403 plus the real status.
+    # nginx copies WWW-Authenticate from a 401 by itself; on any other status the snippet
+    # adds it from X-Wacrm-Challenge.
     status = denial.status if denial.status in (401, 403, 500, 503) else 403
-    headers = {**denial.headers, STATUS_HEADER: str(denial.status), ERROR_HEADER: denial.body.decode()}
+    headers = {
+        **denial.headers,
+        STATUS_HEADER: str(denial.status),
+        ERROR_HEADER: denial.body.decode(),
+    }
+    if status != 401 and "WWW-Authenticate" in headers:
+        headers[CHALLENGE_HEADER] = headers.pop("WWW-Authenticate")
     return web.Response(status=status, headers=headers)
 
 
 def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
-    return web.Response(
-        status=status, body=body, headers=headers, content_type="application/json"
-    )
+    return web.Response(status=status, body=body, headers=headers, content_type="application/json")
 
 
-def _redis_ctx(shared: Redis | None):  # type: ignore[no-untyped-def]
+def _redis_ctx(
+    shared: Redis | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[settings_key]
         redis = shared or Redis.from_url(

@@ -120,4 +120,3 @@ def _parse_argv(
         )
     ns = parser.parse_args(argv)
     return {k: v for k, v in vars(ns).items() if v is not None}
-

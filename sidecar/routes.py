@@ -92,7 +92,9 @@ def parse_policy(text: str, *, source: str = "<routes>") -> Policy:
         if not template.startswith("/") or template != normalise(template):
             raise PolicyError(f"{source}:{lineno}: path {template!r} is not a normalised path")
         if scope != "-" and not _SCOPE.fullmatch(scope):
-            raise PolicyError(f"{source}:{lineno}: scope {scope!r} has characters other than A-Z a-z 0-9 _ . : -")
+            raise PolicyError(
+                f"{source}:{lineno}: scope {scope!r} has characters other than A-Z a-z 0-9 _ . : -"
+            )
         for method in methods.split(","):
             if not _METHOD.fullmatch(method):
                 raise PolicyError(f"{source}:{lineno}: {method!r} is not an HTTP method")

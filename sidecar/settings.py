@@ -72,9 +72,7 @@ class Settings:
     log_level: str = "info"
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str], argv: Sequence[str] | None = None
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] | None = None) -> Settings:
         """Read settings from *environ*, overridden by the flags in *argv*."""
         values = options.read(
             OPTIONS,

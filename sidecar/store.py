@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,10 +30,10 @@ class KeyStore:
         """Return the stored record of *key_hash*, or None when there is none."""
         try:
             async with asyncio.timeout(self.timeout):
-                raw: bytes | None = await self.redis.get(self.keyspace.record(key_hash))
+                raw = await self.redis.get(self.keyspace.record(key_hash))
         except REDIS_ERRORS as e:
             raise StoreUnavailable(str(e) or type(e).__name__) from e
-        return raw
+        return cast(bytes | None, raw)
 
     async def ping(self) -> bool:
         """Tell whether Redis answers within the timeout."""

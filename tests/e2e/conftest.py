@@ -1,0 +1,96 @@
+"""The whole gate on free ports: real nginx, the sidecar, an echo upstream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+
+from demo import procs
+from sidecar import apikeys, records
+from sidecar.records import KeyRecord, Keyspace
+from tests.conftest import RedisServer
+from tests.e2e import rawhttp
+
+
+class Gate:
+    """nginx on `port` in front of the echo upstream, asking the sidecar about every request."""
+
+    def __init__(self, workdir: Path, redis_server: RedisServer) -> None:
+        self.redis_server = redis_server
+        self.keyspace = Keyspace()
+        self.upstream = procs.upstream(workdir)
+        self.sidecar = procs.sidecar(
+            workdir, redis_url=redis_server.url, extra_env={"WACRM_REDIS_TIMEOUT": "0.3"}
+        )
+        self.nginx = procs.nginx(
+            workdir, sidecar_port=self.sidecar.port, upstream_port=self.upstream.port
+        )
+        self.port = self.nginx.port
+
+    def start(self) -> None:
+        for p in (self.upstream, self.sidecar, self.nginx):
+            p.start()
+
+    def stop(self) -> None:
+        for p in (self.nginx, self.sidecar, self.upstream):
+            p.stop()
+
+    def redis(self) -> redis_sync.Redis:
+        return redis_sync.Redis.from_url(self.redis_server.url)
+
+    def put_key(
+        self,
+        scopes: Sequence[str] = (),
+        *,
+        account_id: str = "7a1d6c1e-0000-4000-8000-000000000001",
+        account_name: str | None = "Acme Inc",
+        key_id: str = "5b0e9f7c-0000-4000-8000-000000000002",
+        expires_at_ms: int | None = None,
+    ) -> str:
+        """Mint a key, store its record as the loader would; return the plaintext."""
+        minted = apikeys.mint()
+        record = KeyRecord(
+            key_id, account_id, account_name, minted.key_prefix, tuple(scopes), expires_at_ms
+        )
+        with self.redis() as r:
+            version = int(time.time() * 1000)
+            put = r.register_script(records.PUT_SCRIPT)
+            put(
+                keys=[
+                    self.keyspace.record(minted.key_hash),
+                    self.keyspace.tombstone(minted.key_hash),
+                ],
+                args=[records.encode(record, version=version), version, expires_at_ms or ""],
+            )
+        return minted.plaintext
+
+    def delete_key(self, plaintext: str) -> None:
+        """Revoke *plaintext* the way the loader does: delete its record."""
+        with self.redis() as r:
+            r.delete(self.keyspace.record(records.hash_key(plaintext)))
+
+    def get(self, target: str | bytes, **kw: object) -> rawhttp.Response:
+        return rawhttp.request(self.port, target, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def gate_session(workdir: Path, redis_server: RedisServer) -> Iterator[Gate]:
+    gate = Gate(workdir, redis_server)
+    gate.start()
+    yield gate
+    gate.stop()
+
+
+@pytest.fixture
+def gate(gate_session: Gate) -> Iterator[Gate]:
+    """Return the running gate with Redis up and emptied, and the sidecar running."""
+    gate_session.redis_server.start()
+    if not gate_session.sidecar.running:
+        gate_session.sidecar.start()
+    with gate_session.redis() as r:
+        r.flushdb()
+    yield gate_session

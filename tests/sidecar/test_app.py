@@ -1,0 +1,190 @@
+"""The verifier's HTTP answers, driven through aiohttp's test client with fakeredis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import fakeredis
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from sidecar import apikeys, records
+from sidecar.app import create_app
+from sidecar.records import KeyRecord, Keyspace
+from sidecar.settings import Settings
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def fake(server: fakeredis.FakeServer) -> fakeredis.FakeAsyncRedis:
+    return fakeredis.FakeAsyncRedis(server=server)
+
+
+@pytest.fixture
+async def client(aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis) -> Client:
+    return await aiohttp_client(create_app(Settings(), redis=fake))
+
+
+async def put(fake: Any, scopes: tuple[str, ...] = (), expires_at_ms: int | None = None) -> str:
+    minted = apikeys.mint()
+    rec = KeyRecord("key-1", "acct-1", "Acme", minted.key_prefix, scopes, expires_at_ms)
+    await fake.set(Keyspace().record(minted.key_hash), records.encode(rec, version=1))
+    return minted.plaintext
+
+
+def nginx(uri: str, key: str | None = None, method: str = "GET") -> dict[str, str]:
+    h = {"X-Original-URI": uri, "X-Original-Method": method}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    return h
+
+
+async def test_allow_carries_identity(client: Client, fake: Any) -> None:
+    key = await put(fake, ("contacts:read", "contacts:write"))
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts/1", key, "PATCH"))
+    assert resp.status == 200
+    assert resp.headers["X-Wacrm-Account-Id"] == "acct-1"
+    assert resp.headers["X-Wacrm-Key-Id"] == "key-1"
+    assert resp.headers["X-Wacrm-Scopes"] == "contacts:read contacts:write"
+
+
+async def test_subrequest_keeps_the_clients_method(client: Client, fake: Any) -> None:
+    """nginx sends the auth subrequest with the client's method: /auth answers any."""
+    key = await put(fake, ("messages:send",))
+    resp = await client.post("/auth", headers=nginx("/api/v1/messages", key, "POST"))
+    assert resp.status == 200
+
+
+async def test_nginx_refusal_carries_status_body_and_challenge(client: Client, fake: Any) -> None:
+    key = await put(fake, ())
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert resp.status == 403
+    assert resp.headers["X-Wacrm-Status"] == "403"
+    assert resp.headers["X-Wacrm-Error"] == (
+        '{"error":{"code":"forbidden",'
+        '"message":"This API key is missing the \'contacts:read\' scope"}}'
+    )
+    assert resp.headers["X-Wacrm-Challenge"].endswith('scope="contacts:read"')
+    assert "WWW-Authenticate" not in resp.headers
+
+
+async def test_nginx_400_travels_as_403_with_the_real_status(client: Client) -> None:
+    resp = await client.get("/auth", headers=nginx("/api/%zz"))
+    assert resp.status == 403
+    assert resp.headers["X-Wacrm-Status"] == "400"
+
+
+async def test_expired_record_is_refused(client: Client, fake: Any) -> None:
+    key = await put(fake, ("contacts:read",), expires_at_ms=int(time.time() * 1000) - 1)
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert resp.status == 401
+
+
+async def test_corrupt_record_fails_closed(client: Client, fake: Any) -> None:
+    minted = apikeys.mint()
+    await fake.set(Keyspace().record(minted.key_hash), b"garbage")
+    resp = await client.get("/auth", headers=nginx("/api/v1/me", minted.plaintext))
+    assert resp.status == 401
+
+
+async def test_auth_without_original_uri_fails_closed(client: Client, fake: Any) -> None:
+    key = await put(fake, ("contacts:read",))
+    resp = await client.get("/auth", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 500
+
+
+async def test_ingress_nginx_full_url_is_understood(client: Client, fake: Any) -> None:
+    key = await put(fake, ("contacts:read",))
+    headers = {
+        "X-Original-URL": "https://api.example.com/api/v1/contacts?x=1",
+        "X-Original-Method": "GET",
+        "Authorization": f"Bearer {key}",
+    }
+    assert (await client.get("/auth", headers=headers)).status == 200
+    headers["X-Original-URL"] = "https://api.example.com/api/v1/webhooks"
+    assert (await client.get("/auth", headers=headers)).status == 403
+
+
+async def test_forward_auth_sends_real_status_and_body(client: Client, fake: Any) -> None:
+    key = await put(fake, ("contacts:read",))
+    headers = {
+        "X-Forwarded-Uri": "/api/v1/contacts",
+        "X-Forwarded-Method": "POST",
+        "Authorization": f"Bearer {key}",
+    }
+    resp = await client.get("/forward-auth", headers=headers)
+    assert resp.status == 403
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["error"]["code"] == "forbidden"
+
+
+async def test_forward_auth_ignores_x_original_uri_from_the_client(
+    client: Client, fake: Any
+) -> None:
+    key = await put(fake, ())
+    headers = {
+        "X-Forwarded-Uri": "/api/v1/webhooks",
+        "X-Original-URI": "/api/v1/me",
+        "Authorization": f"Bearer {key}",
+    }
+    assert (await client.get("/forward-auth", headers=headers)).status == 403
+
+
+async def test_me_answers_in_wacrms_shape(client: Client, fake: Any) -> None:
+    key = await put(fake, ("messages:send",))
+    resp = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    assert await resp.json() == {
+        "data": {
+            "account": {"id": "acct-1", "name": "Acme"},
+            "key": {"id": "key-1", "scopes": ["messages:send"]},
+        }
+    }
+
+
+async def test_me_refuses_other_methods(client: Client, fake: Any) -> None:
+    key = await put(fake, ())
+    resp = await client.post("/api/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "GET, HEAD"
+
+
+async def test_unknown_routes_can_be_allowed(
+    aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis
+) -> None:
+    client = await aiohttp_client(create_app(Settings(unknown_routes="allow"), redis=fake))
+    key = await put(fake, ())
+    assert (await client.get("/auth", headers=nginx("/internal/x", key))).status == 200
+    assert (await client.get("/auth", headers=nginx("/api/v1/webhooks", key))).status == 403
+
+
+async def test_redis_error_fails_closed(
+    client: Client, fake: Any, server: fakeredis.FakeServer
+) -> None:
+    key = await put(fake, ("contacts:read",))
+    server.connected = False
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert resp.status == 503
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    server.connected = True
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_redis_prefix_is_honoured(
+    aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis
+) -> None:
+    client = await aiohttp_client(create_app(Settings(redis_prefix="t2:"), redis=fake))
+    key = await put(fake, ())  # stored under the default prefix: another deployment's key
+    assert (await client.get("/auth", headers=nginx("/api/v1/me", key))).status == 401

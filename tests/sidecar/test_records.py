@@ -1,0 +1,101 @@
+"""The Redis contract: key layout, record encoding, and the versioned scripts on real Redis."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar import records
+from sidecar.records import KeyRecord, Keyspace
+
+HASH = "ab" * 32
+RECORD = KeyRecord("key-1", "acct-1", "Acme", "wacrm_live_abcdefgh", ("contacts:read",), None)
+
+
+def test_layout_is_pinned() -> None:
+    ks = Keyspace()
+    assert ks.record(HASH) == f"wacrm:key:{{{HASH}}}"
+    assert ks.tombstone(HASH) == f"wacrm:gone:{{{HASH}}}"
+    assert ks.rate(HASH) == f"wacrm:rl:{{{HASH}}}"
+    assert ks.loaded == "wacrm:loaded"
+    assert Keyspace("t1:").record(HASH) == f"t1:key:{{{HASH}}}"
+    assert ks.hash_of(ks.record(HASH).encode()) == HASH
+
+
+def test_scan_pattern_escapes_glob_characters_in_the_prefix() -> None:
+    assert Keyspace("a*b:").record_pattern == "a\\*b:key:{*}"
+
+
+def test_encoding_is_pinned_and_round_trips() -> None:
+    raw = records.encode(RECORD, version=1700000000123)
+    assert raw == (
+        b'{"v":1700000000123,"k":"key-1","a":"acct-1","n":"Acme",'
+        b'"p":"wacrm_live_abcdefgh","s":["contacts:read"],"e":null}'
+    )
+    assert records.decode(raw) == RECORD
+    assert records.version_of(raw) == 1700000000123
+
+
+@pytest.mark.parametrize("raw", [b"", b"{}", b"[1]", b'{"v":1,"k":"x"}', b"\xff"])
+def test_decode_refuses_what_is_not_a_record(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        records.decode(raw)
+
+
+def test_expiry() -> None:
+    rec = KeyRecord("k", "a", None, "p", (), 1000)
+    assert not rec.is_expired(999)
+    assert rec.is_expired(1000)
+    assert not RECORD.is_expired(2**62)
+
+
+async def _put(r: Redis, record: KeyRecord, version: int, expires: int | str = "") -> int:
+    ks = Keyspace()
+    return int(
+        await r.eval(
+            records.PUT_SCRIPT,
+            2,
+            ks.record(HASH),
+            ks.tombstone(HASH),
+            records.encode(record, version=version),
+            version,
+            expires,
+        )
+    )
+
+
+async def _delete(r: Redis, version: int) -> int:
+    ks = Keyspace()
+    return int(
+        await r.eval(records.DELETE_SCRIPT, 2, ks.record(HASH), ks.tombstone(HASH), version, 60_000)
+    )
+
+
+async def test_older_write_never_replaces_a_newer_one(redis: Redis) -> None:
+    newer = KeyRecord("key-1", "acct-1", "Acme", "p", ("webhooks:manage",))
+    assert await _put(redis, newer, 200) == 1
+    assert await _put(redis, RECORD, 100) == 0
+    raw = await redis.get(Keyspace().record(HASH))
+    assert raw is not None and records.decode(raw) == newer
+
+
+async def test_a_deletion_keeps_older_snapshots_out(redis: Redis) -> None:
+    """No resurrection: a write read before the revocation cannot bring the key back."""
+    assert await _put(redis, RECORD, 100) == 1
+    assert await _delete(redis, 200) == 1
+    assert await redis.get(Keyspace().record(HASH)) is None
+    assert await _put(redis, RECORD, 150) == 0
+    assert await redis.get(Keyspace().record(HASH)) is None
+    assert await _put(redis, RECORD, 250) == 1
+
+
+async def test_a_deletion_older_than_the_record_is_ignored(redis: Redis) -> None:
+    assert await _put(redis, RECORD, 300) == 1
+    assert await _delete(redis, 200) == 0
+    assert await redis.get(Keyspace().record(HASH)) is not None
+
+
+async def test_put_sets_redis_expiry_at_the_keys_expiry(redis: Redis) -> None:
+    at = (await redis.time())[0] * 1000 + 60_000
+    assert await _put(redis, RECORD, 100, at) == 1
+    assert await redis.pexpiretime(Keyspace().record(HASH)) == at
