@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
 from sidecar import decision
 from sidecar.apikeys import key_from_authorization
 from sidecar.decision import Denial
 from sidecar.records import KeyRecord, Keyspace, decode, hash_key
+from sidecar.resp import RespClient
 from sidecar.routes import BadPath, Policy, load_policy, normalise
 from sidecar.settings import Settings
 from sidecar.store import KeyStore, StoreUnavailable
@@ -43,12 +43,12 @@ class Original:
     nginx: bool
 
 
-def create_app(settings: Settings, *, redis: Redis | None = None) -> web.Application:
-    """Build the sidecar for *settings*; pass *redis* to share a client (tests do)."""
+def create_app(settings: Settings) -> web.Application:
+    """Build the sidecar for *settings*."""
     app = web.Application(handler_args={"max_field_size": 32768, "max_line_size": 32768})
     app[settings_key] = settings
     app[policy_key] = load_policy(settings.routes)
-    app.cleanup_ctx.append(_redis_ctx(redis))
+    app.cleanup_ctx.append(_redis_ctx)
     app.router.add_route("*", "/auth", auth)
     app.router.add_route("*", "/forward-auth", forward_auth)
     app.router.add_route("*", "/api/v1/me", me)
@@ -221,22 +221,9 @@ def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
     return web.Response(status=status, body=body, headers=headers, content_type="application/json")
 
 
-def _redis_ctx(
-    shared: Redis | None,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[settings_key]
-        redis = shared or Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            health_check_interval=0,
-        )
-        app[store_key] = KeyStore(
-            redis, Keyspace(settings.redis_prefix), timeout=settings.redis_timeout
-        )
-        yield
-        if shared is None:
-            await redis.aclose()
-
-    return ctx
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
+    app[store_key] = KeyStore(client, Keyspace(settings.redis_prefix))
+    yield
+    await client.aclose()

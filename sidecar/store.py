@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import cast
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from sidecar.records import Keyspace
-
-#: What a Redis call can raise when the server is down, slow or confused.
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+from sidecar.resp import RedisUnavailable, ReplyError, RespClient
 
 
 class StoreUnavailable(Exception):
@@ -19,26 +13,23 @@ class StoreUnavailable(Exception):
 
 
 class KeyStore:
-    """Look up key records in *redis* under *keyspace*, each within *timeout* seconds."""
+    """Look up key records through *client* under *keyspace*."""
 
-    def __init__(self, redis: Redis, keyspace: Keyspace, *, timeout: float) -> None:
-        self.redis = redis
+    def __init__(self, client: RespClient, keyspace: Keyspace) -> None:
+        self.client = client
         self.keyspace = keyspace
-        self.timeout = timeout
 
     async def fetch(self, key_hash: str) -> bytes | None:
         """Return the stored record of *key_hash*, or None when there is none."""
         try:
-            async with asyncio.timeout(self.timeout):
-                raw = await self.redis.get(self.keyspace.record(key_hash))
-        except REDIS_ERRORS as e:
-            raise StoreUnavailable(str(e) or type(e).__name__) from e
+            raw = await self.client.execute(b"GET", self.keyspace.record(key_hash))
+        except (RedisUnavailable, ReplyError) as e:
+            raise StoreUnavailable(str(e)) from e
         return cast(bytes | None, raw)
 
     async def ping(self) -> bool:
         """Tell whether Redis answers within the timeout."""
         try:
-            async with asyncio.timeout(self.timeout):
-                return bool(await self.redis.ping())
-        except REDIS_ERRORS:
+            return bool(await self.client.execute(b"PING") == b"PONG")
+        except (RedisUnavailable, ReplyError):
             return False

@@ -1,38 +1,42 @@
-"""The verifier's HTTP answers, driven through aiohttp's test client with fakeredis."""
+"""The verifier's HTTP answers, through aiohttp's test client, against the session's Redis."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
-import fakeredis
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
+from demo import procs
 from sidecar import apikeys, records
 from sidecar.app import create_app
 from sidecar.records import KeyRecord, Keyspace
 from sidecar.settings import Settings
+from tests.conftest import RedisServer
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
+def settings(redis_server: RedisServer) -> Settings:
+    return Settings(redis_url=redis_server.url)
 
 
 @pytest.fixture
-def fake(server: fakeredis.FakeServer) -> fakeredis.FakeAsyncRedis:
-    return fakeredis.FakeAsyncRedis(server=server)
+def fake(redis: Redis) -> Redis:
+    """The session's real Redis, emptied: where the tests put records."""
+    return redis
 
 
 @pytest.fixture
-async def client(aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis) -> Client:
-    return await aiohttp_client(create_app(Settings(), redis=fake))
+async def client(aiohttp_client: MakeClient, settings: Settings) -> Client:
+    return await aiohttp_client(create_app(settings))
 
 
 async def put(fake: Any, scopes: tuple[str, ...] = (), expires_at_ms: int | None = None) -> str:
@@ -160,31 +164,32 @@ async def test_me_refuses_other_methods(client: Client, fake: Any) -> None:
 
 
 async def test_unknown_routes_can_be_allowed(
-    aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(Settings(unknown_routes="allow"), redis=fake))
+    client = await aiohttp_client(create_app(replace(settings, unknown_routes="allow")))
     key = await put(fake, ())
     assert (await client.get("/auth", headers=nginx("/internal/x", key))).status == 200
     assert (await client.get("/auth", headers=nginx("/api/v1/webhooks", key))).status == 403
 
 
-async def test_redis_error_fails_closed(
-    client: Client, fake: Any, server: fakeredis.FakeServer
-) -> None:
-    key = await put(fake, ("contacts:read",))
-    server.connected = False
+async def test_redis_unreachable_fails_closed(aiohttp_client: MakeClient) -> None:
+    closed = f"redis://127.0.0.1:{procs.free_port()}/0"
+    client = await aiohttp_client(create_app(Settings(redis_url=closed)))
+    key = apikeys.mint().plaintext
     resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
     assert resp.status == 503
-    resp = await client.get("/readyz")
-    assert resp.status == 503
-    server.connected = True
-    assert (await client.get("/readyz")).status == 200
+    assert resp.headers["Retry-After"] == "1"
+    assert (await client.get("/readyz")).status == 503
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_ready_when_redis_answers(client: Client) -> None:
+    assert (await client.get("/readyz")).status == 200
+
+
 async def test_redis_prefix_is_honoured(
-    aiohttp_client: MakeClient, fake: fakeredis.FakeAsyncRedis
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(Settings(redis_prefix="t2:"), redis=fake))
+    client = await aiohttp_client(create_app(replace(settings, redis_prefix="t2:")))
     key = await put(fake, ())  # stored under the default prefix: another deployment's key
     assert (await client.get("/auth", headers=nginx("/api/v1/me", key))).status == 401
