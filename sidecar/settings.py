@@ -49,6 +49,13 @@ OPTIONS = (
         "what a valid key gets on a route the policy does not list: deny (403) or allow",
     ),
     Option(
+        "workers",
+        "WACRM_WORKERS",
+        options.positive_int,
+        1,
+        "processes serving the port together (SO_REUSEPORT); one per core is the most useful",
+    ),
+    Option(
         "log_level",
         "WACRM_LOG_LEVEL",
         options.choice("debug", "info", "warning", "error"),
@@ -69,6 +76,7 @@ class Settings:
     redis_timeout: float = 0.5
     routes: Path | None = None
     unknown_routes: str = "deny"
+    workers: int = 1
     log_level: str = "info"
 
     @classmethod

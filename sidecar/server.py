@@ -1,0 +1,93 @@
+"""Serving the verifier: one process, or several sharing the port under a supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from aiohttp import web
+
+from sidecar.app import create_app
+from sidecar.logs import log_config
+from sidecar.settings import Settings
+
+log = logging.getLogger("sidecar")
+
+#: Seconds a stopping worker gets to finish the checks in flight.
+SHUTDOWN_TIMEOUT = 5.0
+#: A worker that dies sooner than this after starting is broken, not unlucky.
+MIN_UPTIME = 2.0
+
+
+def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve *settings* in this process until SIGINT or SIGTERM."""
+    _use_uvloop()
+    log.info("listening on %s:%d (pid %d)", settings.host, settings.port, os.getpid())
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        reuse_port=reuse_port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+
+
+def _worker(settings: Settings) -> None:
+    log_config(settings.log_level)
+    serve(settings, reuse_port=True)
+
+
+def supervise(settings: Settings) -> int:
+    """Run *settings.workers* worker processes; restart one that dies, stop all on a signal."""
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for w, _started in workers:
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signal.SIGTERM)
+
+    def start() -> tuple[BaseProcess, float]:
+        w = ctx.Process(target=_worker, args=(settings,), daemon=False)
+        w.start()
+        return w, time.monotonic()
+
+    workers = [start() for _ in range(settings.workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while not stopping:
+        time.sleep(0.2)
+        for i, (w, started) in enumerate(workers):
+            if w.is_alive() or stopping:
+                continue
+            if time.monotonic() - started < MIN_UPTIME:
+                log.error("worker %d failed at start-up (exit %s); stopping", w.pid, w.exitcode)
+                status = 1
+                stop(signal.SIGTERM, None)
+                break
+            log.error("worker %d exited with %s; starting another", w.pid, w.exitcode)
+            workers[i] = start()
+    for w, _started in workers:
+        w.join(SHUTDOWN_TIMEOUT + 2)
+        if w.is_alive():
+            w.kill()
+    return status
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
