@@ -1,0 +1,1 @@
+"""The gate's benchmark harness: real nginx, real Redis, wrk; see ``bench/gate.py``."""

@@ -1,0 +1,443 @@
+"""Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
+
+Run ``.venv/bin/python bench/gate.py --help``.  Five cases, each through nginx with one worker:
+
+ceiling        nginx proxies to the upstream, no auth at all
+floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py)
+gate, valid    the real sidecar, a real key in Redis, identity injected upstream
+gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
+gate, garbage  Authorization values that fail the format check
+
+The cases alternate in rounds (the order rotated each round) so drift hits them alike; the
+table shows each case's median round.  ``--soak S`` instead runs the valid-key case under load
+for S seconds and samples the sidecar's RSS every 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import redis as redis_sync
+
+from bench import stack, wrk
+from demo import procs
+from sidecar import apikeys, records
+
+ACCOUNT_ID = "7a1d6c1e-0000-4000-8000-000000000001"
+KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
+UNKNOWN_POOL = 10_000
+GARBAGE = (
+    "Bearer not-a-wacrm-key",
+    "Basic dXNlcjpwYXNzd29yZA==",
+    "Bearer wacrm_live_tooshort",
+    "wacrm_test_" + "A" * 43,
+)
+
+
+@dataclass(slots=True)
+class Case:
+    """One row of the table: where wrk sends what, and the status every response must have."""
+
+    name: str
+    port: int
+    expected: int
+    authorizations: Sequence[str]
+    #: The processes whose CPU time is charged to this case: auth app, nginx.
+    auth_pids: list[int]
+    nginx_pids: list[int]
+    script: Path | None = None
+    runs: list[wrk.Result] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{stack.PATH}"
+
+    def median(self) -> wrk.Result:
+        """Return the run with the median rate."""
+        return sorted(self.runs, key=lambda r: r.rate)[(len(self.runs) - 1) // 2]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its markdown table; return the exit status."""
+    args = _parse(argv)
+    with tempfile.TemporaryDirectory(prefix="wacrm-bench-") as tmp:
+        return Bench(Path(tmp), args).run()
+
+
+class Bench:
+    """The servers of one benchmark run and the cases measured through them."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.workdir = workdir
+        self.args = args
+        self.notes: list[str] = []
+        self.started: list[procs.Process] = []
+
+    def run(self) -> int:
+        try:
+            cases = self._start()
+            if self.args.soak:
+                self._soak(cases[2])
+            else:
+                self._measure(cases)
+        finally:
+            for p in reversed(self.started):
+                p.stop()
+        return 0
+
+    def _start(self) -> list[Case]:
+        a = self.args
+        redis = procs.redis_server(self.workdir)
+        self._spawn(redis)
+        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        key = _put_key(redis_url)
+
+        workers = a.workers
+        if workers > 1 and not _sidecar_knows_workers():
+            self.notes.append(
+                f"**Note:** `--workers {workers}` asked for, but this sidecar does not accept"
+                " WACRM_WORKERS yet (not in `python -m sidecar --help`): ran 1 worker."
+            )
+            workers = 1
+        self.workers = workers
+        env = {"PYTHONPATH": str(procs.ROOT)}
+        if workers > 1:
+            env["WACRM_WORKERS"] = str(workers)
+        sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=env)
+        self._spawn(sidecar)
+        self.sidecar = sidecar
+
+        floor_port = procs.free_port()
+        floors = [
+            procs.Process(
+                [sys.executable, "-m", "bench.floor", "--port", str(floor_port)]
+                + (["--reuse-port"] if workers > 1 else []),
+                port=floor_port,
+                log=self.workdir / f"floor-{i}.log",
+                env={**os.environ, **env},
+            )
+            for i in range(workers)
+        ]
+        for f in floors:
+            self._spawn(f)
+
+        gate_ports = stack.NginxPorts(
+            procs.free_port(), sidecar.port, procs.free_port(), procs.free_port()
+        )
+        floor_ports = stack.NginxPorts(procs.free_port(), floor_port, procs.free_port())
+        gate_nginx = stack.nginx(self.workdir / "nginx-gate", gate_ports)
+        floor_nginx = stack.nginx(self.workdir / "nginx-floor", floor_ports)
+        self._spawn(gate_nginx)
+        self._spawn(floor_nginx)
+        if workers > 1:
+            time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
+
+        self.redis_pids = [_pid(redis)]
+        sidecar_pids = stack.tree(_pid(sidecar))
+        floor_pids = [_pid(f) for f in floors]
+        gate_nginx_pids = stack.tree(_pid(gate_nginx))
+        floor_nginx_pids = stack.tree(_pid(floor_nginx))
+        bearer = f"Bearer {key}"
+        unknown = [f"Bearer {apikeys.mint().plaintext}" for _ in range(UNKNOWN_POOL)]
+        assert gate_ports.ceiling is not None
+        cases = [
+            Case("ceiling (no auth)", gate_ports.ceiling, 200, [bearer], [], gate_nginx_pids),
+            Case("floor (200-only aiohttp)", floor_ports.listen, 200, [bearer], floor_pids,
+                 floor_nginx_pids),
+            Case("gate, valid key", gate_ports.listen, 200, [bearer], sidecar_pids,
+                 gate_nginx_pids),
+            Case("gate, unknown keys", gate_ports.listen, 401, unknown, sidecar_pids,
+                 gate_nginx_pids),
+            Case("gate, garbage", gate_ports.listen, 401, GARBAGE, sidecar_pids,
+                 gate_nginx_pids),
+        ]  # fmt: skip
+        for i, case in enumerate(cases):
+            case.script = wrk.write_script(
+                self.workdir,
+                f"case{i}",
+                path=stack.PATH,
+                authorizations=case.authorizations,
+                expected=case.expected,
+            )
+            _preflight(case, account_id=ACCOUNT_ID if "valid" in case.name else None)
+        return cases
+
+    def _measure(self, cases: list[Case]) -> None:
+        a = self.args
+        sidecar_pids = cases[2].auth_pids
+        rss_idle = stack.rss_kib(sidecar_pids)
+        if a.warmup > 0:
+            for case in cases:
+                self._wrk(case, a.warmup)
+        rss_start = stack.rss_kib(sidecar_pids)
+        for r in range(a.rounds):
+            order = cases[r % len(cases) :] + cases[: r % len(cases)]
+            for case in order:
+                case.runs.append(self._charged(case, a.duration))
+        rss_end = stack.rss_kib(sidecar_pids)
+        print(self._header())
+        print()
+        print(_table(cases, floor=cases[1]))
+        print()
+        print(
+            f"Sidecar RSS ({len(stack.tree(_pid(self.sidecar)))} process(es)):"
+            f" {_mib(rss_idle)} idle, {_mib(rss_start)} after warm-up,"
+            f" {_mib(rss_end)} after the last measured run."
+        )
+        for note in self.notes:
+            print()
+            print(note)
+
+    def _soak(self, case: Case) -> None:
+        a = self.args
+        pids = case.auth_pids
+        assert case.script is not None
+        samples = [(0.0, stack.rss_kib(pids))]
+        running = wrk.start(
+            case.script, case.url, duration=a.soak, connections=a.connections, threads=a.threads
+        )
+        began = time.monotonic()
+        while running.proc.poll() is None:
+            time.sleep(min(10.0, max(0.1, began + len(samples) * 10.0 - time.monotonic())))
+            if running.proc.poll() is None:
+                samples.append((time.monotonic() - began, stack.rss_kib(pids)))
+        result = wrk.finish(running)
+        samples.append((time.monotonic() - began, stack.rss_kib(pids)))
+        case.runs.append(result)
+        print(self._header())
+        print()
+        print(_table([case], floor=None))
+        print()
+        print("| t (s) | sidecar RSS |")
+        print("|---:|---:|")
+        for t, kib in samples:
+            print(f"| {t:.0f} | {_mib(kib)} |")
+        print()
+        rss = [kib for _, kib in samples]
+        print(
+            f"Sidecar RSS over {a.soak:g} s under load: start {_mib(rss[0])},"
+            f" end {_mib(rss[-1])}, max {_mib(max(rss))}"
+            f" ({(rss[-1] - rss[0]) / 1024:+.1f} MiB)."
+        )
+        for note in self.notes:
+            print()
+            print(note)
+
+    def _charged(self, case: Case, duration: float) -> wrk.Result:
+        """Run wrk on *case* and add the CPU each process used to the case's account."""
+        groups = {"auth": case.auth_pids, "nginx": case.nginx_pids, "redis": self.redis_pids}
+        before = {k: stack.cpu_seconds(v) for k, v in groups.items()}
+        busy = stack.machine_busy_seconds()
+        result = self._wrk(case, duration)
+        busy = stack.machine_busy_seconds() - busy
+        ours = result.cpu
+        for k, v in groups.items():
+            used = stack.cpu_seconds(v) - before[k]
+            case.cpu[k] = case.cpu.get(k, 0.0) + used
+            ours += used
+        case.cpu["wrk"] = case.cpu.get("wrk", 0.0) + result.cpu
+        # Whatever else ran meanwhile (other test suites on a shared machine): noise.
+        case.cpu["other"] = case.cpu.get("other", 0.0) + max(0.0, busy - ours)
+        return result
+
+    def _wrk(self, case: Case, duration: float) -> wrk.Result:
+        assert case.script is not None
+        return wrk.run(
+            case.script,
+            case.url,
+            duration=duration,
+            connections=self.args.connections,
+            threads=self.args.threads,
+        )
+
+    def _header(self) -> str:
+        a = self.args
+        cpu = _cpu_model()
+        command = shlex.join([".venv/bin/python", "bench/gate.py", *sys.argv[1:]])
+        mode = (
+            f"{a.soak:g} s soak of the valid-key case"
+            if a.soak
+            else f"{a.rounds} round(s) of the 5 cases, order rotated each round, {a.duration:g} s"
+            f" a run after a {a.warmup:g} s warm-up; the median round is shown"
+        )
+        return "\n".join(
+            [
+                f"Machine: {os.cpu_count()} cores ({cpu}), shared by wrk, nginx, Redis and the"
+                " sidecar; load generator and servers compete for the same CPUs.",
+                f"Command: `{command}`",
+                f"Setup: {_version(['nginx', '-v'])} (worker_processes 1),"
+                f" {_version(['wrk', '-v'])} ({a.threads} thread(s), {a.connections}"
+                f" connections), {_version(['redis-server', '--version'])},"
+                f" Python {platform.python_version()}, sidecar workers: {self.workers};"
+                f" GET {stack.PATH}; {mode}.",
+                "Upstream: a `return 200` server inside the same nginx (echoes the injected"
+                " account id), so the upstream is never the bottleneck.",
+            ]
+        )
+
+    def _spawn(self, p: procs.Process) -> None:
+        self.started.append(p)
+        p.start()
+
+
+def _table(cases: list[Case], *, floor: Case | None) -> str:
+    """Render *cases* as a markdown table, with rates relative to *floor*'s median run."""
+    base = floor.median().rate if floor is not None and floor.runs else 0.0
+    rows = [
+        "| case | req/s | req/s each round | p50 ms | p99 ms | x floor | errors"
+        " | CPU us/req: auth app | nginx | Redis | wrk | other load (cores) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        m = c.median()
+        total = sum(r.requests for r in c.runs) or 1
+        cpu = [f"{c.cpu[k] / total * 1e6:.0f}" if k in c.cpu else "-" for k in _CPU_GROUPS]
+        if not c.auth_pids:
+            cpu[0] = "-"
+        ratio = f"{m.rate / base:.2f}" if base else "-"
+        seconds = sum(r.seconds for r in c.runs) or 1.0
+        cpu.append(f"{c.cpu.get('other', 0.0) / seconds:.2f}")
+        rows.append(
+            f"| {c.name} | {m.rate:,.0f} | {' / '.join(f'{r.rate:,.0f}' for r in c.runs)}"
+            f" | {statistics.median(r.p50_ms for r in c.runs):.2f}"
+            f" | {statistics.median(r.p99_ms for r in c.runs):.2f}"
+            f" | {ratio} | {_errors(c)} | {' | '.join(cpu)} |"
+        )
+    return "\n".join(rows)
+
+
+_CPU_GROUPS = ("auth", "nginx", "redis", "wrk")
+
+
+def _errors(case: Case) -> str:
+    """Sum what went wrong over every run of *case*: unexpected statuses, socket errors."""
+    counts: dict[str, int] = {}
+    for r in case.runs:
+        for status, n in r.statuses.items():
+            counts[str(status)] = counts.get(str(status), 0) + n
+        for kind, n in r.socket_errors.items():
+            counts[kind] = counts.get(kind, 0) + n
+    if not counts:
+        return "0"
+    return ", ".join(f"{n:,} x {what}" for what, n in sorted(counts.items()))
+
+
+def _put_key(redis_url: str) -> str:
+    """Store a key with the route's scope the way the loader does; return its plaintext."""
+    minted = apikeys.mint()
+    record = records.KeyRecord(
+        KEY_ID, ACCOUNT_ID, "Bench Inc", minted.key_prefix, (stack.SCOPE,), None
+    )
+    keyspace = records.Keyspace()
+    version = int(time.time() * 1000)
+    with redis_sync.Redis.from_url(redis_url) as r:
+        put = r.register_script(records.PUT_SCRIPT)
+        written = put(
+            keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
+            args=[records.encode(record, version=version), version, ""],
+        )
+    if written != 1:
+        raise RuntimeError("the key record was not written")
+    return minted.plaintext
+
+
+def _preflight(case: Case, *, account_id: str | None) -> None:
+    """Send *case*'s first request once and fail unless it gets the expected answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", case.port, timeout=5)
+    try:
+        conn.request("GET", stack.PATH, headers={"Authorization": case.authorizations[0]})
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    if resp.status != case.expected:
+        raise SystemExit(
+            f"{case.name}: expected {case.expected}, got {resp.status}: {body[:200]!r}"
+        )
+    if account_id is not None and account_id not in body:
+        raise SystemExit(f"{case.name}: the upstream did not get the account id: {body!r}")
+
+
+def _sidecar_knows_workers() -> bool:
+    """Tell whether ``python -m sidecar`` documents WACRM_WORKERS."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=procs.ROOT,
+        check=False,
+    ).stdout
+    return "WACRM_WORKERS" in out
+
+
+def _pid(p: procs.Process) -> int:
+    assert p.proc is not None
+    return p.proc.pid
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _version(argv: list[str]) -> str:
+    """Return "name x.y.z" for the program run by *argv* (nginx tells on stderr)."""
+    try:
+        done = subprocess.run(
+            [procs.find_binary(argv[0]), *argv[1:]], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return argv[0]
+    found = re.search(r"\d+\.\d+(?:\.\d+)?", done.stdout + done.stderr)
+    return f"{argv[0]} {found.group()}" if found else argv[0]
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds a run (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the 5 cases (default 3)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds per case first (default 2)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="sidecar processes, as WACRM_WORKERS (default 1)"
+    )
+    p.add_argument(
+        "--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead"
+    )
+    args = p.parse_args(argv)
+    if args.duration < 1 or args.rounds < 1 or args.connections < 1 or args.workers < 1:
+        p.error("--duration, --rounds, --connections and --workers must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

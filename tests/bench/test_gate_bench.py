@@ -1,0 +1,59 @@
+"""The benchmark harness runs every case and cannot make a broken case look fast."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import wrk
+from demo import procs
+
+pytestmark = [
+    pytest.mark.bench,
+    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed"),
+]
+
+
+def test_harness_prints_five_cases_with_positive_rates_and_no_errors() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/gate.py", "--duration", "1", "--rounds", "1", "--warmup", "0",
+         "--connections", "4"],
+        cwd=procs.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "ceiling (no auth)",
+        "floor (200-only aiohttp)",
+        "gate, valid key",
+        "gate, unknown keys",
+        "gate, garbage",
+    ]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[1].replace(",", "")) > 0, row
+        assert cells[6] == "0", row
+    assert "Machine: " in out
+    assert "Sidecar RSS" in out
+
+
+def test_wrk_counts_every_response_with_another_status_as_an_error(tmp_path: Path) -> None:
+    upstream = procs.upstream(tmp_path)
+    upstream.start()
+    try:
+        script = wrk.write_script(
+            tmp_path, "expect401", path="/x", authorizations=["Bearer a", ""], expected=401
+        )
+        result = wrk.run(script, f"http://127.0.0.1:{upstream.port}/x", duration=1, connections=2)
+    finally:
+        upstream.stop()
+    assert result.requests > 0
+    assert result.statuses == {200: result.requests}
+    assert result.errors >= result.requests
