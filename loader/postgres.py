@@ -1,0 +1,241 @@
+"""Wacrm's own PostgreSQL tables as a key source, read as they are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+
+from loader.rows import KeyRow, is_valid_hash
+from loader.source import Changes, KeyListing, NewKey, NotFound, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+#: The channel the shipped trigger (``wacrm-notify.sql``) notifies on.
+CHANNEL = "wacrm_gate"
+#: How often the listening connection is checked when no notification arrives.
+_HEALTH_EVERY = 5.0
+#: Errors that mean the database cannot be reached or dropped the connection.
+CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+_SELECT = """
+SELECT k.id::text, k.account_id::text, a.name, a.id IS NOT NULL, k.key_prefix, k.key_hash,
+       k.scopes, floor(extract(epoch FROM k.expires_at) * 1000)::int8, k.revoked_at IS NOT NULL
+FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
+"""
+
+
+def parse_payload(payload: str) -> Changes | None:
+    """Return the rows a notification names, or None when *payload* is not one of ours."""
+    fields = payload.split()
+    if len(fields) in (3, 4) and fields[0] == "k" and _is_uuid(fields[1]):
+        hashes = {h for h in fields[2:] if is_valid_hash(h)}
+        return Changes(key_hashes=hashes, key_ids={fields[1]})
+    if len(fields) == 2 and fields[0] == "a" and _is_uuid(fields[1]):
+        return Changes(account_ids={fields[1]})
+    return None
+
+
+class PostgresSource:
+    """Read and manage keys in Wacrm's ``api_keys`` and ``accounts`` tables."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, timeout: float) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.timeout = timeout
+
+    @classmethod
+    async def open(cls, dsn: str, *, connect_timeout: float) -> PostgresSource:
+        """Connect to the database at *dsn*."""
+        with _unavailable("cannot connect to PostgreSQL"):
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=4, timeout=connect_timeout, command_timeout=None
+            )
+        return cls(pool, dsn, connect_timeout)
+
+    async def close(self) -> None:
+        """Release the connections."""
+        await self.pool.close()
+
+    async def snapshot(self, batch: int) -> AsyncIterator[list[KeyRow]]:
+        """Yield every unrevoked key, *batch* rows at a time, from one consistent snapshot."""
+        with _unavailable("reading api_keys failed"):
+            async with (
+                self.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                cursor = await conn.cursor(_SELECT + "WHERE k.revoked_at IS NULL")
+                while rows := await cursor.fetch(batch):
+                    yield [_row(r) for r in rows]
+
+    async def rows(self, changes: Changes) -> list[KeyRow]:
+        """Return the current rows (revoked ones too) named by *changes*."""
+        with _unavailable("reading api_keys failed"):
+            records = await self.pool.fetch(
+                _SELECT
+                + "WHERE k.key_hash = ANY($1::text[]) OR k.id = ANY($2::uuid[])"
+                + " OR k.account_id = ANY($3::uuid[])",
+                sorted(changes.key_hashes),
+                sorted(i for i in changes.key_ids if _is_uuid(i)),
+                sorted(i for i in changes.account_ids if _is_uuid(i)),
+            )
+        return [_row(r) for r in records]
+
+    @contextlib.asynccontextmanager
+    async def feed(self, poll_interval: float) -> AsyncIterator[PostgresFeed]:
+        """Listen for the trigger's notifications on a connection of its own."""
+        with _unavailable("cannot connect to PostgreSQL"):
+            conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+        feed = PostgresFeed(conn)
+        try:
+            with _unavailable("cannot LISTEN"):
+                await conn.add_listener(CHANNEL, feed.notified)
+            conn.add_termination_listener(feed.terminated)
+            yield feed
+        finally:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await asyncio.wait_for(conn.close(), 2)
+            conn.terminate()
+
+    async def create_account(self, account_id: str, name: str) -> None:
+        """Insert an account."""
+        with _unavailable("cannot write to PostgreSQL"):
+            await self.pool.execute(
+                "INSERT INTO accounts (id, name) VALUES ($1::uuid, $2)", account_id, name
+            )
+
+    async def create_key(self, key: NewKey) -> None:
+        """Insert *key*; raise NotFound when its account does not exist."""
+        if not _is_uuid(key.account_id):
+            raise NotFound(f"no account {key.account_id!r}")
+        with _unavailable("cannot write to PostgreSQL"):
+            try:
+                await self.pool.execute(
+                    "INSERT INTO api_keys (id, account_id, created_by, name, key_prefix,"
+                    " key_hash, scopes, expires_at)"
+                    " VALUES ($1::uuid, $2::uuid, $3::uuid, $4, $5, $6, $7, $8)",
+                    key.id,
+                    key.account_id,
+                    key.created_by,
+                    key.name,
+                    key.key_prefix,
+                    key.key_hash,
+                    list(key.scopes),
+                    key.expires_at,
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFound(f"no account {key.account_id}") from None
+
+    async def list_keys(self, account_id: str | None) -> list[KeyListing]:
+        """Return every key (of *account_id* when given), oldest first."""
+        if account_id is not None and not _is_uuid(account_id):
+            raise NotFound(f"no account {account_id!r}")
+        with _unavailable("reading api_keys failed"):
+            records = await self.pool.fetch(
+                "SELECT id::text, account_id::text, name, key_prefix, scopes, last_used_at,"
+                " expires_at, revoked_at, created_at FROM api_keys"
+                " WHERE $1::uuid IS NULL OR account_id = $1::uuid ORDER BY created_at, id",
+                account_id,
+            )
+        return [
+            KeyListing(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8]) for r in records
+        ]
+
+    async def revoke_key(self, key_id: str) -> str:
+        """Set ``revoked_at`` of the active key *key_id*; return its hash or raise NotFound."""
+        if not _is_uuid(key_id):
+            raise NotFound(f"no active key {key_id!r}")
+        with _unavailable("cannot write to PostgreSQL"):
+            key_hash = await self.pool.fetchval(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1::uuid"
+                " AND revoked_at IS NULL RETURNING key_hash",
+                key_id,
+            )
+        if key_hash is None:
+            raise NotFound(f"no active key {key_id}")
+        return str(key_hash)
+
+
+class PostgresFeed:
+    """The notifications of one listening connection."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self._queue: asyncio.Queue[Changes] = asyncio.Queue()
+        self._lost = False
+        self._checked = time.monotonic()
+
+    def notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        """Queue the rows a notification names."""
+        changes = parse_payload(payload)
+        if changes is None:
+            log.warning("ignoring notification %.80r on %s", payload, channel)
+        else:
+            self._queue.put_nowait(changes)
+
+    def terminated(self, conn: Any) -> None:
+        """Note that the listening connection is gone."""
+        self._lost = True
+        self._queue.put_nowait(Changes(lost=True))
+
+    async def next(self, within: float) -> Changes:
+        """Return the changes notified within *within* seconds (empty when none)."""
+        changes = Changes()
+        try:
+            changes.update(await asyncio.wait_for(self._queue.get(), within))
+        except TimeoutError:
+            await self._health_check()
+        while not self._queue.empty():
+            changes.update(self._queue.get_nowait())
+        if self._lost:
+            raise SourceUnavailable("the PostgreSQL connection listening for changes closed")
+        return changes
+
+    async def _health_check(self) -> None:
+        if time.monotonic() - self._checked < _HEALTH_EVERY:
+            return
+        self._checked = time.monotonic()
+        with _unavailable("the PostgreSQL connection listening for changes broke"):
+            await self.conn.fetchval("SELECT 1", timeout=_HEALTH_EVERY)
+
+
+def _row(r: Any) -> KeyRow:
+    return KeyRow(
+        key_id=r[0],
+        account_id=r[1],
+        account_name=r[2],
+        account_exists=r[3],
+        key_prefix=r[4],
+        key_hash=r[5],
+        scopes=tuple(r[6]),
+        expires_at_ms=r[7],
+        revoked=r[8],
+    )
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as e:
+        raise SourceUnavailable(f"{what}: {e or type(e).__name__}") from e

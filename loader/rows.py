@@ -1,0 +1,107 @@
+"""Rows of the key table, and the pure rules that turn one into the gate's record."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sidecar.records import KeyRecord
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+#: Longest account name put in a record; longer names are cut (Wacrm's own names are short).
+MAX_ACCOUNT_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """One ``api_keys`` row joined to its account, as either source reads it."""
+
+    key_id: str
+    account_id: str
+    #: The account's name; None when the name is NULL or the account is missing.
+    account_name: str | None
+    account_exists: bool
+    key_prefix: str
+    key_hash: str
+    scopes: tuple[str | None, ...]
+    expires_at_ms: int | None
+    revoked: bool
+    #: Why the source could not read the row properly; such a row is skipped.
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with a row: the record to hold (None = hold nothing) and any complaints."""
+
+    record: KeyRecord | None
+    problems: tuple[str, ...] = ()
+
+
+def is_valid_hash(key_hash: str) -> bool:
+    """Tell whether *key_hash* is a lowercase hex SHA-256, the only form the gate looks up."""
+    return len(key_hash) == 64 and _HASH.fullmatch(key_hash) is not None
+
+
+def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
+    """Decide what Redis must hold for *row* at *now_ms*, given the *known_scopes*.
+
+    Revoked and expired keys hold nothing.  A malformed hash or a missing account holds
+    nothing and is a problem; unknown scopes and odd account names are dropped or cleaned,
+    and reported, but the key is still loaded.
+    """
+    if row.revoked:
+        return Verdict(None)
+    if row.expires_at_ms is not None and row.expires_at_ms <= now_ms:
+        return Verdict(None)
+    if row.problem is not None:
+        return Verdict(None, (f"{row.problem}, key skipped",))
+    if not is_valid_hash(row.key_hash):
+        return Verdict(None, ("malformed key_hash, key skipped",))
+    if not row.account_exists:
+        return Verdict(None, (f"account {row.account_id} does not exist, key skipped",))
+    problems: list[str] = []
+    scopes = _clean_scopes(row.scopes, known_scopes, problems)
+    name = row.account_name
+    if name is not None:
+        cleaned = clean_text(name)[:MAX_ACCOUNT_NAME]
+        if cleaned != name:
+            problems.append("account name has control characters or is too long; cleaned")
+            name = cleaned
+    record = KeyRecord(
+        key_id=row.key_id,
+        account_id=row.account_id,
+        account_name=name,
+        key_prefix=clean_text(row.key_prefix),
+        scopes=scopes,
+        expires_at_ms=row.expires_at_ms,
+    )
+    return Verdict(record, tuple(problems))
+
+
+def clean_text(text: str) -> str:
+    """Return *text* without control, format, private-use or line-separator characters."""
+    if text.isprintable():
+        return text
+    return "".join(c for c in text if _printable(c))
+
+
+def _clean_scopes(
+    raw: Iterable[str | None], known: frozenset[str], problems: list[str]
+) -> tuple[str, ...]:
+    out: list[str] = []
+    for scope in raw:
+        if scope is None:
+            problems.append("NULL or unreadable scope dropped")
+        elif scope not in known:
+            problems.append(f"unknown scope {scope!r} dropped")
+        elif scope not in out:
+            out.append(scope)
+    return tuple(out)
+
+
+def _printable(c: str) -> bool:
+    category = unicodedata.category(c)
+    return category[0] != "C" and category not in ("Zl", "Zp")

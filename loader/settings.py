@@ -1,0 +1,131 @@
+"""The loader's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar import options
+from sidecar.options import Option
+from sidecar.records import DEFAULT_PREFIX
+
+
+def source_url(raw: str) -> str:
+    """Parse a source URL: ``sqlite:///path`` or ``postgresql://...``."""
+    value = raw.strip()
+    if value.startswith(("postgresql://", "postgres://")):
+        return value
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    raise ValueError("must be sqlite:///PATH or postgresql://...")
+
+
+OPTIONS = (
+    Option(
+        "source",
+        "WACRM_SOURCE",
+        source_url,
+        None,
+        "the key table: sqlite:///relative.db, sqlite:////absolute.db or postgresql://...",
+    ),
+    Option(
+        "redis_url",
+        "WACRM_REDIS_URL",
+        str,
+        "redis://127.0.0.1:6379/0",
+        "Redis the gate reads (redis://, rediss:// or unix://)",
+    ),
+    Option(
+        "redis_prefix",
+        "WACRM_REDIS_PREFIX",
+        str,
+        DEFAULT_PREFIX,
+        "prefix of every Redis key the gate uses; must match the sidecar's",
+    ),
+    Option(
+        "routes",
+        "WACRM_ROUTES",
+        Path,
+        None,
+        "route policy file whose scopes are the known scopes; unset = Wacrm's own table",
+    ),
+    Option(
+        "reconcile_interval",
+        "WACRM_RECONCILE_INTERVAL",
+        options.positive_float,
+        300.0,
+        "seconds between the periodic full reconciles of `run` (the safety net)",
+    ),
+    Option(
+        "poll_interval",
+        "WACRM_POLL_INTERVAL",
+        options.positive_float,
+        0.2,
+        "seconds between checks for SQLite changes and for a Redis that lost its data",
+    ),
+    Option(
+        "batch_size",
+        "WACRM_BATCH_SIZE",
+        options.positive_int,
+        5000,
+        "keys read from the source and compared with Redis per round trip",
+    ),
+    Option(
+        "retry_max",
+        "WACRM_RETRY_MAX",
+        options.positive_float,
+        5.0,
+        "longest pause, in seconds, between reconnection attempts of `run`",
+    ),
+    Option(
+        "timeout",
+        "WACRM_LOADER_TIMEOUT",
+        options.positive_float,
+        5.0,
+        "seconds to wait for a connection to the source or Redis",
+    ),
+    Option(
+        "log_level",
+        "WACRM_LOG_LEVEL",
+        options.choice("debug", "info", "warning", "error"),
+        "info",
+        "log level",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How one loader process runs; every field is documented in `OPTIONS` and the README."""
+
+    source: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = DEFAULT_PREFIX
+    routes: Path | None = None
+    reconcile_interval: float = 300.0
+    poll_interval: float = 0.2
+    batch_size: int = 5000
+    retry_max: float = 5.0
+    timeout: float = 5.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] | None = None) -> Settings:
+        """Read settings from *environ*, overridden by the flags in *argv*."""
+        values = options.read(
+            OPTIONS,
+            environ,
+            argv,
+            prog="wacrm-loader",
+            description="Wacrm gate: keep Redis equal to the table of API keys.",
+        )
+        return cls(**values)
+
+    def require_source(self) -> str:
+        """Return the source URL; raise SettingError when none is configured."""
+        if self.source is None:
+            raise options.SettingError(
+                "WACRM_SOURCE is not set (sqlite:///PATH or postgresql://...)"
+            )
+        return self.source
