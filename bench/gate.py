@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -42,6 +43,7 @@ from sidecar import apikeys, records
 ACCOUNT_ID = "7a1d6c1e-0000-4000-8000-000000000001"
 KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 UNKNOWN_POOL = 10_000
+SAMPLE_EVERY = 10.0
 GARBAGE = (
     "Bearer not-a-wacrm-key",
     "Basic dXNlcjpwYXNzd29yZA==",
@@ -58,9 +60,9 @@ class Case:
     port: int
     expected: int
     authorizations: Sequence[str]
-    #: The processes whose CPU time is charged to this case: auth app, nginx.
-    auth_pids: list[int]
-    nginx_pids: list[int]
+    #: The processes (with their descendants) whose CPU time is charged to this case.
+    auth_roots: list[int]
+    nginx_roots: list[int]
     script: Path | None = None
     runs: list[wrk.Result] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -109,8 +111,9 @@ class Bench:
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
         key = _put_key(redis_url)
 
+        sidecar_help = _sidecar_help()
         workers = a.workers
-        if workers > 1 and not _sidecar_knows_workers():
+        if workers > 1 and "WACRM_WORKERS" not in sidecar_help:
             self.notes.append(
                 f"**Note:** `--workers {workers}` asked for, but this sidecar does not accept"
                 " WACRM_WORKERS yet (not in `python -m sidecar --help`): ran 1 worker."
@@ -118,9 +121,14 @@ class Bench:
             workers = 1
         self.workers = workers
         env = {"PYTHONPATH": str(procs.ROOT)}
+        sidecar_env = dict(env)
         if workers > 1:
-            env["WACRM_WORKERS"] = str(workers)
-        sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=env)
+            sidecar_env["WACRM_WORKERS"] = str(workers)
+        self.rate_limit = None
+        if "WACRM_RATE_LIMIT" in sidecar_help and a.rate_limit:
+            # The valid key must be admitted on every request, with the limiter still run.
+            sidecar_env["WACRM_RATE_LIMIT"] = self.rate_limit = a.rate_limit
+        sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=sidecar_env)
         self._spawn(sidecar)
         self.sidecar = sidecar
 
@@ -150,10 +158,10 @@ class Bench:
             time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
 
         self.redis_pids = [_pid(redis)]
-        sidecar_pids = stack.tree(_pid(sidecar))
+        sidecar_pids = [_pid(sidecar)]
         floor_pids = [_pid(f) for f in floors]
-        gate_nginx_pids = stack.tree(_pid(gate_nginx))
-        floor_nginx_pids = stack.tree(_pid(floor_nginx))
+        gate_nginx_pids = [_pid(gate_nginx)]
+        floor_nginx_pids = [_pid(floor_nginx)]
         bearer = f"Bearer {key}"
         unknown = [f"Bearer {apikeys.mint().plaintext}" for _ in range(UNKNOWN_POOL)]
         assert gate_ports.ceiling is not None
@@ -181,17 +189,16 @@ class Bench:
 
     def _measure(self, cases: list[Case]) -> None:
         a = self.args
-        sidecar_pids = cases[2].auth_pids
-        rss_idle = stack.rss_kib(sidecar_pids)
+        rss_idle = self._sidecar_rss()
         if a.warmup > 0:
             for case in cases:
                 self._wrk(case, a.warmup)
-        rss_start = stack.rss_kib(sidecar_pids)
+        rss_start = self._sidecar_rss()
         for r in range(a.rounds):
             order = cases[r % len(cases) :] + cases[: r % len(cases)]
             for case in order:
-                case.runs.append(self._charged(case, a.duration))
-        rss_end = stack.rss_kib(sidecar_pids)
+                case.runs.append(self._charged(case, partial(self._wrk, case, a.duration)))
+        rss_end = self._sidecar_rss()
         print(self._header())
         print()
         print(_table(cases, floor=cases[1]))
@@ -207,20 +214,28 @@ class Bench:
 
     def _soak(self, case: Case) -> None:
         a = self.args
-        pids = case.auth_pids
         assert case.script is not None
-        samples = [(0.0, stack.rss_kib(pids))]
-        running = wrk.start(
-            case.script, case.url, duration=a.soak, connections=a.connections, threads=a.threads
-        )
-        began = time.monotonic()
-        while running.proc.poll() is None:
-            time.sleep(min(10.0, max(0.1, began + len(samples) * 10.0 - time.monotonic())))
-            if running.proc.poll() is None:
-                samples.append((time.monotonic() - began, stack.rss_kib(pids)))
-        result = wrk.finish(running)
-        samples.append((time.monotonic() - began, stack.rss_kib(pids)))
-        case.runs.append(result)
+        samples = [(0.0, self._sidecar_rss())]
+
+        def load() -> wrk.Result:
+            assert case.script is not None
+            running = wrk.start(
+                case.script,
+                case.url,
+                duration=a.soak,
+                connections=a.connections,
+                threads=a.threads,
+            )
+            began = time.monotonic()
+            while running.proc.poll() is None:
+                time.sleep(0.2)
+                if time.monotonic() - began >= len(samples) * SAMPLE_EVERY:
+                    samples.append((time.monotonic() - began, self._sidecar_rss()))
+            result = wrk.finish(running)
+            samples.append((time.monotonic() - began, self._sidecar_rss()))
+            return result
+
+        case.runs.append(self._charged(case, load))
         print(self._header())
         print()
         print(_table([case], floor=None))
@@ -240,12 +255,16 @@ class Bench:
             print()
             print(note)
 
-    def _charged(self, case: Case, duration: float) -> wrk.Result:
-        """Run wrk on *case* and add the CPU each process used to the case's account."""
-        groups = {"auth": case.auth_pids, "nginx": case.nginx_pids, "redis": self.redis_pids}
+    def _charged(self, case: Case, load: Callable[[], wrk.Result]) -> wrk.Result:
+        """Run *load* on *case* and add the CPU each process used to the case's account."""
+        groups = {
+            "auth": [p for root in case.auth_roots for p in stack.tree(root)],
+            "nginx": [p for root in case.nginx_roots for p in stack.tree(root)],
+            "redis": self.redis_pids,
+        }
         before = {k: stack.cpu_seconds(v) for k, v in groups.items()}
         busy = stack.machine_busy_seconds()
-        result = self._wrk(case, duration)
+        result = load()
         busy = stack.machine_busy_seconds() - busy
         ours = result.cpu
         for k, v in groups.items():
@@ -285,12 +304,17 @@ class Bench:
                 f"Setup: {_version(['nginx', '-v'])} (worker_processes 1),"
                 f" {_version(['wrk', '-v'])} ({a.threads} thread(s), {a.connections}"
                 f" connections), {_version(['redis-server', '--version'])},"
-                f" Python {platform.python_version()}, sidecar workers: {self.workers};"
+                f" Python {platform.python_version()};"
                 f" GET {stack.PATH}; {mode}.",
+                f"Sidecar: {_git_state()}, workers {self.workers}, WACRM_RATE_LIMIT"
+                f" {self.rate_limit or '(not set)'}.",
                 "Upstream: a `return 200` server inside the same nginx (echoes the injected"
                 " account id), so the upstream is never the bottleneck.",
             ]
         )
+
+    def _sidecar_rss(self) -> int:
+        return stack.rss_kib(stack.tree(_pid(self.sidecar)))
 
     def _spawn(self, p: procs.Process) -> None:
         self.started.append(p)
@@ -309,7 +333,7 @@ def _table(cases: list[Case], *, floor: Case | None) -> str:
         m = c.median()
         total = sum(r.requests for r in c.runs) or 1
         cpu = [f"{c.cpu[k] / total * 1e6:.0f}" if k in c.cpu else "-" for k in _CPU_GROUPS]
-        if not c.auth_pids:
+        if not c.auth_roots:
             cpu[0] = "-"
         ratio = f"{m.rate / base:.2f}" if base else "-"
         seconds = sum(r.seconds for r in c.runs) or 1.0
@@ -375,16 +399,31 @@ def _preflight(case: Case, *, account_id: str | None) -> None:
         raise SystemExit(f"{case.name}: the upstream did not get the account id: {body!r}")
 
 
-def _sidecar_knows_workers() -> bool:
-    """Tell whether ``python -m sidecar`` documents WACRM_WORKERS."""
-    out = subprocess.run(
+def _sidecar_help() -> str:
+    """Return what ``python -m sidecar --help`` says: which settings this sidecar has."""
+    return subprocess.run(
         [sys.executable, "-m", "sidecar", "--help"],
         capture_output=True,
         text=True,
         cwd=procs.ROOT,
         check=False,
     ).stdout
-    return "WACRM_WORKERS" in out
+
+
+def _git_state() -> str:
+    """Say which code ran: the commit, and whether sidecar/ or nginx/ had local changes."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", *argv], cwd=procs.ROOT, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "sidecar", "nginx")
+    return f"working tree at {commit}" + (
+        " with uncommitted changes in sidecar/ or nginx/" if dirty else ""
+    )
 
 
 def _pid(p: procs.Process) -> int:
@@ -429,6 +468,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per case first (default 2)")
     p.add_argument(
         "--workers", type=int, default=1, help="sidecar processes, as WACRM_WORKERS (default 1)"
+    )
+    p.add_argument(
+        "--rate-limit",
+        default="1000000000/1s",
+        help="WACRM_RATE_LIMIT for the sidecar, if it has one: high, so the valid key is"
+        " admitted while the limiter still runs; '' leaves the sidecar's default",
     )
     p.add_argument(
         "--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead"
