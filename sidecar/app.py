@@ -1,96 +1,89 @@
-"""The sidecar's HTTP face: ``/auth`` for the proxy, ``/api/v1/me``, health and readiness."""
+"""The sidecar's HTTP face: ``/auth`` for nginx, ``/forward-auth``, ``/api/v1/me``, health."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
 from sidecar import decision
-from sidecar.apikeys import key_from_authorization
 from sidecar.decision import Denial
-from sidecar.records import KeyRecord, Keyspace, decode, hash_key
+from sidecar.metrics import Metrics
+from sidecar.records import Keyspace
 from sidecar.resp import RespClient
-from sidecar.routes import BadPath, Policy, load_policy, normalise
+from sidecar.routes import load_policy
 from sidecar.settings import Settings
-from sidecar.store import KeyStore, StoreUnavailable
+from sidecar.store import KeyStore
+from sidecar.verifier import Verdict, Verifier
 
 log = logging.getLogger(__name__)
 
 ACCOUNT_HEADER = "X-Wacrm-Account-Id"
 KEY_HEADER = "X-Wacrm-Key-Id"
 SCOPES_HEADER = "X-Wacrm-Scopes"
-#: On a refusal to nginx: the status the client must get and the exact body to send.
+#: On a refusal to nginx: the status the client must get, the exact body, the challenge.
 STATUS_HEADER = "X-Wacrm-Status"
 ERROR_HEADER = "X-Wacrm-Error"
 CHALLENGE_HEADER = "X-Wacrm-Challenge"
 
 settings_key = web.AppKey("settings", Settings)
-policy_key = web.AppKey("policy", Policy)
-store_key = web.AppKey("store", KeyStore)
-
-
-@dataclass(frozen=True, slots=True)
-class Original:
-    """The request the proxy is asking about, and whether it speaks nginx's auth_request."""
-
-    method: str
-    uri: str
-    nginx: bool
+metrics_key = web.AppKey("metrics", Metrics)
+verifier_key = web.AppKey("verifier", Verifier)
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the sidecar for *settings*."""
+    """Build the sidecar for *settings*; raise PolicyError for a bad route file."""
     app = web.Application(handler_args={"max_field_size": 32768, "max_line_size": 32768})
     app[settings_key] = settings
-    app[policy_key] = load_policy(settings.routes)
-    app.cleanup_ctx.append(_redis_ctx)
+    app[metrics_key] = Metrics()
+    load_policy(settings.routes)  # Refuse a bad route file now, not at start-up.
+    app.cleanup_ctx.append(_verifier_ctx)
     app.router.add_route("*", "/auth", auth)
     app.router.add_route("*", "/forward-auth", forward_auth)
     app.router.add_route("*", "/api/v1/me", me)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
 async def auth(request: web.Request) -> web.Response:
-    """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render."""
-    original = _nginx_original(request)
-    if original is None:
+    """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render.
+
+    The original request comes as X-Original-Method and X-Original-URI (nginx), or
+    X-Original-URL, a full URL (ingress-nginx).
+    """
+    h = request.headers
+    uri = h.get("X-Original-URI")
+    if uri is None and (url := h.get("X-Original-URL")) is not None:
+        uri = _target_of(url)
+    if uri is None:
         log.error("auth request without X-Original-URI or X-Original-URL; check the nginx snippet")
-        return _refuse(decision.MISCONFIGURED, nginx=True)
-    return await _verify(request, original)
+        return _nginx_refusal(decision.MISCONFIGURED, {})
+    verdict = await request.app[verifier_key].verify(h, h.get("X-Original-Method", "GET"), uri)
+    if verdict.denial is not None:
+        return _nginx_refusal(verdict.denial, verdict.rate_headers())
+    return web.Response(headers=_identity(verdict))
 
 
 async def forward_auth(request: web.Request) -> web.Response:
-    """Answer a forward-auth proxy (Traefik, Caddy): the refusal is sent to the client as is.
+    """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal to the client as is.
 
-    A separate endpoint, so that a header a client may send (X-Original-URI reaches a
-    forward-auth server untouched) can never choose which route is checked.
+    The original request comes as X-Forwarded-Method and X-Forwarded-Uri.  This is a separate
+    endpoint so that a header a client can send (X-Original-URI reaches a forward-auth server
+    untouched) can never choose the route that is checked.
     """
-    original = _forwarded_original(request)
-    if original is None:
+    h = request.headers
+    uri = h.get("X-Forwarded-Uri")
+    if uri is None:
         log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
-        return _refuse(decision.MISCONFIGURED, nginx=False)
-    return await _verify(request, original)
-
-
-async def _verify(request: web.Request, original: Original) -> web.Response:
-    denial, record = await _check(request, original)
-    if denial is not None:
-        return _refuse(denial, nginx=original.nginx)
-    assert record is not None
-    return web.Response(
-        headers={
-            ACCOUNT_HEADER: record.account_id,
-            KEY_HEADER: record.key_id,
-            SCOPES_HEADER: " ".join(record.scopes),
-        }
-    )
+        return _json(500, decision.INTERNAL_BODY, {})
+    verdict = await request.app[verifier_key].verify(h, h.get("X-Forwarded-Method", "GET"), uri)
+    if verdict.denial is not None:
+        return _refusal(verdict)
+    return web.Response(headers=_identity(verdict))
 
 
 async def me(request: web.Request) -> web.Response:
@@ -101,9 +94,10 @@ async def me(request: web.Request) -> web.Response:
             b'{"error":{"code":"method_not_allowed","message":"Method not allowed"}}',
             {"Allow": "GET, HEAD"},
         )
-    denial, record = await _check(request, Original("GET", "/api/v1/me", nginx=False))
-    if denial is not None:
-        return _refuse(denial, nginx=False)
+    verdict = await request.app[verifier_key].verify(request.headers, "GET", "/api/v1/me")
+    if verdict.denial is not None:
+        return _refusal(verdict)
+    record = verdict.record
     assert record is not None
     body = orjson.dumps(
         {
@@ -113,7 +107,7 @@ async def me(request: web.Request) -> web.Response:
             }
         }
     )
-    return _json(200, body, {})
+    return _json(200, body, verdict.rate_headers())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -123,69 +117,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Tell whether Redis answers, so the sidecar can take traffic."""
-    if await request.app[store_key].ping():
+    if await request.app[verifier_key].store.ping():
         return _json(200, b'{"status":"ready"}', {})
     return _json(503, b'{"status":"redis unavailable"}', {"Retry-After": "1"})
 
 
-async def _check(
-    request: web.Request, original: Original
-) -> tuple[Denial | None, KeyRecord | None]:
-    if _carries_reserved_headers(request):
-        return decision.SPOOFED, None
-    try:
-        path = normalise(original.uri)
-    except BadPath:
-        return decision.BAD_PATH, None
-    values = request.headers.getall("Authorization", ())
-    if not values:
-        return decision.NO_CREDENTIAL, None
-    key = key_from_authorization(values[0]) if len(values) == 1 else None
-    if key is None:
-        return decision.MALFORMED, None
-    try:
-        raw = await request.app[store_key].fetch(hash_key(key))
-    except StoreUnavailable as e:
-        log.warning("redis unavailable, refusing: %s", e)
-        return decision.UNAVAILABLE, None
-    if raw is None:
-        return decision.UNKNOWN, None
-    try:
-        record = decode(raw)
-    except ValueError:
-        log.error("unreadable record in redis; refusing the key")
-        return decision.UNKNOWN, None
-    if record.is_expired(int(time.time() * 1000)):
-        return decision.EXPIRED, None
-    settings = request.app[settings_key]
-    route = request.app[policy_key].match(original.method, path)
-    denial = decision.authorize(record, route, allow_unlisted=settings.unknown_routes == "allow")
-    return denial, record
+async def metrics(request: web.Request) -> web.Response:
+    """Expose the metrics in Prometheus's text format."""
+    return web.Response(
+        body=request.app[metrics_key].exposition(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
-def _nginx_original(request: web.Request) -> Original | None:
-    """Read what nginx's auth_request (or ingress-nginx, with a full URL) says it asks about."""
-    h = request.headers
-    method = h.get("X-Original-Method", "GET").upper()
-    uri = h.get("X-Original-URI")
-    if uri is not None:
-        return Original(method, uri, nginx=True)
-    url = h.get("X-Original-URL")
-    if url is not None:
-        return Original(method, _path_of(url), nginx=True)
-    return None
+def _identity(verdict: Verdict) -> dict[str, str]:
+    record = verdict.record
+    assert record is not None
+    return {
+        ACCOUNT_HEADER: record.account_id,
+        KEY_HEADER: record.key_id,
+        SCOPES_HEADER: " ".join(record.scopes),
+        **verdict.rate_headers(),
+    }
 
 
-def _forwarded_original(request: web.Request) -> Original | None:
-    """Read what a forward-auth proxy (Traefik, Caddy) says it asks about."""
-    h = request.headers
-    uri = h.get("X-Forwarded-Uri")
-    if uri is None:
-        return None
-    return Original(h.get("X-Forwarded-Method", "GET").upper(), uri, nginx=False)
-
-
-def _path_of(url: str) -> str:
+def _target_of(url: str) -> str:
     """Return the request target of the absolute *url* (scheme://host/target)."""
     _, sep, rest = url.partition("://")
     if not sep:
@@ -194,21 +152,23 @@ def _path_of(url: str) -> str:
     return rest[slash:] if slash >= 0 else "/"
 
 
-def _carries_reserved_headers(request: web.Request) -> bool:
-    return any(name[:8].lower() in ("x-wacrm-", "x_wacrm_") for name in request.headers)
+def _refusal(verdict: Verdict) -> web.Response:
+    denial = verdict.denial
+    assert denial is not None
+    return _json(denial.status, denial.body, {**denial.headers, **verdict.rate_headers()})
 
 
-def _refuse(denial: Denial, *, nginx: bool) -> web.Response:
-    """Render *denial*: as is for forward-auth, squeezed into 401/403 for nginx."""
-    if not nginx:
-        return _json(denial.status, denial.body, denial.headers)
-    # auth_request passes only 2xx, 401 and 403; anything else becomes nginx's 500, which
-    # the shipped snippets turn into 503.  So 400 and 429 travel as 403 plus the real status.
-    # nginx copies WWW-Authenticate from a 401 by itself; on any other status the snippet
-    # adds it from X-Wacrm-Challenge.
+def _nginx_refusal(denial: Denial, rate_headers: dict[str, str]) -> web.Response:
+    """Squeeze *denial* into what auth_request passes on: 401 or 403, plus the real status.
+
+    Any other status becomes nginx's 500, which the shipped snippets turn into 503; so 400 and
+    429 travel as 403.  nginx copies WWW-Authenticate from a 401 by itself; on a 403 the
+    snippet adds it from X-Wacrm-Challenge.
+    """
     status = denial.status if denial.status in (401, 403, 500, 503) else 403
     headers = {
         **denial.headers,
+        **rate_headers,
         STATUS_HEADER: str(denial.status),
         ERROR_HEADER: denial.body.decode(),
     }
@@ -221,9 +181,16 @@ def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
     return web.Response(status=status, body=body, headers=headers, content_type="application/json")
 
 
-async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _verifier_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
-    app[store_key] = KeyStore(client, Keyspace(settings.redis_prefix))
+    store = KeyStore(client, Keyspace(settings.redis_prefix), settings.rate_limit)
+    app[verifier_key] = Verifier(
+        store,
+        load_policy(settings.routes),
+        app[metrics_key],
+        allow_unlisted=settings.unknown_routes == "allow",
+        touch_interval=settings.last_used_interval,
+    )
     yield
     await client.aclose()

@@ -35,6 +35,7 @@ def _error(code: str, message: str) -> bytes:
 UNAUTHORIZED_BODY = _error("unauthorized", "Missing or invalid API key")
 INTERNAL_BODY = _error("internal", "Internal server error")
 UNAVAILABLE_BODY = _error("internal", "Rate limit service unavailable")
+RATE_LIMITED_BODY = _error("rate_limited", "Rate limit exceeded for this API key")
 
 #: No credential at all: RFC 6750 asks for the challenge without an error code.
 NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, {"WWW-Authenticate": REALM}, "missing")
@@ -65,6 +66,11 @@ UNLISTED_ROUTE = Denial(
     {"WWW-Authenticate": f'{REALM}, error="insufficient_scope"'},
     "unlisted_route",
 )
+
+
+def rate_limited(retry_after: int) -> Denial:
+    """Refuse a key over its rate limit; it may try again in *retry_after* seconds."""
+    return Denial(429, RATE_LIMITED_BODY, {"Retry-After": str(max(1, retry_after))}, "rate_limited")
 
 
 @lru_cache(maxsize=512)

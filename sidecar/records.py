@@ -10,9 +10,12 @@ Everything about how a key lives in Redis is decided here and nowhere else:
     A tombstone: the version (Redis time in ms) at which the record was last deleted.  It keeps
     an older snapshot of the key table from writing a revoked key back (no resurrection).
 ``{prefix}rl:{<hash>}``
-    Reserved for the key's rate-limit state.
+    The key's rate-limit state (GCRA: the theoretical arrival time, in microseconds).
 ``{prefix}loaded``
     Written after every full reconcile.  Its absence tells the loader that Redis lost its data.
+``{prefix}used``
+    A sorted set: key id -> the last time (ms) a sidecar saw the key used.  The loader drains
+    it into ``last_used_at``.
 
 ``<hash>`` is the lowercase hex SHA-256 of the whole plaintext key.  The ``{...}`` hash tag puts
 every per-key Redis key in one Redis Cluster slot, so a server-side script may touch them
@@ -37,6 +40,32 @@ TOMBSTONE_TTL_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most *limit* requests per *window_ms*, refilled evenly (GCRA)."""
+
+    limit: int
+    window_ms: int
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Parse ``LIMIT/WINDOW`` such as ``120/60s``, ``10/1s``, ``1000/1h`` or ``500/5m``."""
+        limit_text, sep, window_text = text.strip().partition("/")
+        unit = window_text[-1:]
+        if not sep or unit not in _UNITS_MS:
+            raise ValueError(f"{text!r} is not LIMIT/WINDOW like 120/60s")
+        limit, window = int(limit_text), int(window_text[:-1] or "1") * _UNITS_MS[unit]
+        if limit < 1 or window < 1:
+            raise ValueError(f"{text!r}: limit and window must be at least 1")
+        return cls(limit, window)
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.window_ms // 1000}s"
+
+
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """What the gate knows about an active key."""
 
@@ -47,6 +76,8 @@ class KeyRecord:
     scopes: tuple[str, ...]
     #: Unix time in milliseconds after which the key is refused; None = never expires.
     expires_at_ms: int | None = None
+    #: This key's own rate limit; None = the sidecar's default.
+    rate_limit: RateLimit | None = None
 
     def is_expired(self, now_ms: int) -> bool:
         """Tell whether the key has expired at *now_ms*."""
@@ -72,6 +103,11 @@ class Keyspace:
         return f"{self.prefix}rl:{{{key_hash}}}"
 
     @property
+    def used(self) -> str:
+        """Return the Redis key of the sorted set of last-use times."""
+        return f"{self.prefix}used"
+
+    @property
     def loaded(self) -> str:
         """Return the Redis key that marks a completed full reconcile."""
         return f"{self.prefix}loaded"
@@ -95,9 +131,11 @@ def hash_key(plaintext: str) -> str:
 
 def encode(record: KeyRecord, *, version: int) -> bytes:
     """Serialise *record* at *version* into the bytes stored in Redis."""
+    limit = record.rate_limit
     return orjson.dumps(
         {
             "v": version,
+            "l": None if limit is None else (limit.limit, limit.window_ms),
             "k": record.key_id,
             "a": record.account_id,
             "n": record.account_name,
@@ -112,6 +150,7 @@ def decode(raw: bytes | str) -> KeyRecord:
     """Parse the bytes *raw* of a stored record; raise ValueError when they are not one."""
     try:
         d = orjson.loads(raw)
+        limit = d.get("l")
         return KeyRecord(
             key_id=d["k"],
             account_id=d["a"],
@@ -119,8 +158,9 @@ def decode(raw: bytes | str) -> KeyRecord:
             key_prefix=d["p"],
             scopes=tuple(d["s"]),
             expires_at_ms=d["e"],
+            rate_limit=None if limit is None else RateLimit(limit[0], limit[1]),
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"not a key record: {e}") from None
 
 
@@ -164,6 +204,46 @@ if (not gone) or tonumber(gone) < ver then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
 return 1
+"""
+
+
+# The request path's one round trip: the record, and the key's rate limit counted in the same
+# step (only when the record exists, so 401s never count).
+# KEYS: record, rate.  ARGV: default limit, default window ms, [now in us, for tests].
+# Returns nil when there is no record, else {record, allowed 0/1, remaining, reset (Unix s),
+# retry after (s), limit}.  GCRA: a key may burst up to its limit, then earns one request
+# every window/limit; over any span of t the admitted count is at most limit * (1 + t/window).
+CHECK_SCRIPT = """
+local rec = redis.call('GET', KEYS[1])
+if not rec then return false end
+local lim, win = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
+lim = tonumber(lim or ARGV[1])
+win = tonumber(win or ARGV[2])
+if lim <= 0 then return {rec, 1, -1, 0, 0, 0} end
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local window = win * 1000
+local interval = math.max(1, math.floor(window / lim))
+local tat = tonumber(redis.call('GET', KEYS[2])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - window
+if allow_at > now then
+  return {rec, 0, 0, math.ceil(tat / 1000000), math.ceil((allow_at - now) / 1000000), lim}
+end
+redis.call('SET', KEYS[2], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
+local remaining = math.floor((now + window - new_tat) / interval)
+return {rec, 1, remaining, math.ceil(new_tat / 1000000), 0, lim}
+"""
+
+# KEYS: used.  Returns every (key id, ms) pair and empties the set, atomically.
+DRAIN_USED_SCRIPT = """
+local out = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+redis.call('DEL', KEYS[1])
+return out
 """
 
 

@@ -29,6 +29,10 @@ class RedisUnavailable(Exception):
     """Redis could not be reached, or did not answer in time."""
 
 
+class RedisTimeout(RedisUnavailable):
+    """Redis did not answer in time."""
+
+
 class ReplyError(Exception):
     """Redis answered a command with an error."""
 
@@ -87,14 +91,14 @@ class _Protocol(asyncio.Protocol):
         self.fail(f"connection lost: {exc}" if exc else "connection closed")
         self.client._lost(self)
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, error: type[RedisUnavailable] = RedisUnavailable) -> None:
         while self.pending:
             fut = self.pending.popleft()[0]
             if not fut.done():
-                fut.set_exception(RedisUnavailable(why))
+                fut.set_exception(error(why))
 
-    def abort(self, why: str) -> None:
-        self.fail(why)
+    def abort(self, why: str, error: type[RedisUnavailable] = RedisUnavailable) -> None:
+        self.fail(why, error)
         if self.transport is not None:
             self.transport.abort()
 
@@ -112,15 +116,27 @@ class RespClient:
 
     async def execute(self, *args: bytes | str | int) -> Any:
         """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
+        if self._proto is None:
+            await self._connect()
+        fut = self.send(*args)
+        if fut is None:
+            raise RedisUnavailable("connection lost")
+        return await fut
+
+    def send(self, *args: bytes | str | int) -> asyncio.Future[Any] | None:
+        """Send one command on the open connection and return the future of its reply.
+
+        Return None, sending nothing, when no connection is open.
+        """
         proto = self._proto
         if proto is None:
-            proto = await self._connect()
+            return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         proto.send(encode_command(args), fut, loop.time())
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
-        return await fut
+        return fut
 
     async def aclose(self) -> None:
         """Close the connection; commands in flight fail."""
@@ -143,7 +159,7 @@ class RespClient:
         if loop.time() - oldest >= self.timeout:
             log.warning("redis did not answer within %.3fs; reconnecting", self.timeout)
             self._proto = None
-            proto.abort("timed out")
+            proto.abort("timed out", RedisTimeout)
             return
         self._watchdog = loop.call_at(oldest + self.timeout, self._check)
 
@@ -188,7 +204,11 @@ class RespClient:
                     proto.send(encode_command(args), fut, loop.time())
                     futs.append(fut)
                 await asyncio.gather(*futs)
-        except (OSError, TimeoutError, ReplyError, RedisUnavailable) as e:
+        except TimeoutError as e:
+            if proto.transport is not None:
+                proto.transport.abort()
+            raise RedisTimeout("cannot connect: timed out") from e
+        except (OSError, ReplyError, RedisUnavailable) as e:
             if proto.transport is not None:
                 proto.transport.abort()
             raise RedisUnavailable(f"cannot connect: {e or type(e).__name__}") from e

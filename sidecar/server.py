@@ -6,7 +6,9 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from sidecar.app import create_app
 from sidecar.logs import log_config
+from sidecar.metrics import MULTIPROC_ENV
 from sidecar.settings import Settings
 
 log = logging.getLogger("sidecar")
@@ -49,6 +52,11 @@ def supervise(settings: Settings) -> int:
     """Run *settings.workers* worker processes; restart one that dies, stop all on a signal."""
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    # Workers count into files here, so /metrics on any of them shows the sum of all.
+    metrics_dir = None
+    if MULTIPROC_ENV not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="wacrm-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -82,6 +90,8 @@ def supervise(settings: Settings) -> int:
         w.join(SHUTDOWN_TIMEOUT + 2)
         if w.is_alive():
             w.kill()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 

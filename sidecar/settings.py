@@ -8,7 +8,15 @@ from pathlib import Path
 
 from sidecar import options
 from sidecar.options import Option
-from sidecar.records import DEFAULT_PREFIX
+from sidecar.records import DEFAULT_PREFIX, RateLimit
+
+#: Wacrm's own limit: 120 requests per 60 seconds.
+WACRM_RATE_LIMIT = RateLimit(120, 60_000)
+
+
+def _rate_limit(text: str) -> RateLimit | None:
+    return None if text.strip().lower() in ("off", "0") else RateLimit.parse(text)
+
 
 OPTIONS = (
     Option("host", "WACRM_HOST", str, "127.0.0.1", "address to listen on"),
@@ -49,6 +57,21 @@ OPTIONS = (
         "what a valid key gets on a route the policy does not list: deny (403) or allow",
     ),
     Option(
+        "rate_limit",
+        "WACRM_RATE_LIMIT",
+        _rate_limit,
+        WACRM_RATE_LIMIT,
+        "each key's rate limit, LIMIT/WINDOW with s, m or h (Wacrm's 120/60s), or off; "
+        "the loader's WACRM_RATE_LIMITS file sets per-account and per-key limits",
+    ),
+    Option(
+        "last_used_interval",
+        "WACRM_LAST_USED_INTERVAL",
+        options.positive_float,
+        60.0,
+        "seconds between two notes of the same key's use by one process (for last_used_at)",
+    ),
+    Option(
         "workers",
         "WACRM_WORKERS",
         options.positive_int,
@@ -76,6 +99,8 @@ class Settings:
     redis_timeout: float = 0.5
     routes: Path | None = None
     unknown_routes: str = "deny"
+    rate_limit: RateLimit | None = WACRM_RATE_LIMIT
+    last_used_interval: float = 60.0
     workers: int = 1
     log_level: str = "info"
 

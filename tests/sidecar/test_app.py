@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from demo import procs
 from sidecar import apikeys, records
 from sidecar.app import create_app
-from sidecar.records import KeyRecord, Keyspace
+from sidecar.records import KeyRecord, Keyspace, RateLimit
 from sidecar.settings import Settings
 from tests.conftest import RedisServer
 
@@ -193,3 +193,119 @@ async def test_redis_prefix_is_honoured(
     client = await aiohttp_client(create_app(replace(settings, redis_prefix="t2:")))
     key = await put(fake, ())  # stored under the default prefix: another deployment's key
     assert (await client.get("/auth", headers=nginx("/api/v1/me", key))).status == 401
+
+
+async def test_allowed_requests_carry_rate_limit_headers(client: Client, fake: Redis) -> None:
+    key = await put(fake, ("contacts:read",))
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert resp.headers["X-RateLimit-Limit"] == "120"
+    assert resp.headers["X-RateLimit-Remaining"] == "119"
+    assert int(resp.headers["X-RateLimit-Reset"]) > time.time()
+
+
+async def _exhaust(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis, headers: dict[str, str]
+) -> Client:
+    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(2, 60_000))))
+    for _ in range(2):
+        assert (await client.get("/auth", headers=headers)).status == 200
+    return client
+
+
+async def test_over_the_limit_travels_to_nginx_as_403_with_429(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+) -> None:
+    key = await put(fake, ("contacts:read",))
+    headers = nginx("/api/v1/contacts", key)
+    client = await _exhaust(aiohttp_client, settings, fake, headers)
+    resp = await client.get("/auth", headers=headers)
+    assert resp.status == 403
+    assert resp.headers["X-Wacrm-Status"] == "429"
+    assert resp.headers["X-Wacrm-Error"] == (
+        '{"error":{"code":"rate_limited","message":"Rate limit exceeded for this API key"}}'
+    )
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.headers["X-RateLimit-Remaining"] == "0"
+
+
+async def test_scope_refusals_count_against_the_limit(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+) -> None:
+    key = await put(fake, ())
+    headers = nginx("/api/v1/contacts", key)
+    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(2, 60_000))))
+    statuses = [
+        (await client.get("/auth", headers=headers)).headers["X-Wacrm-Status"] for _ in range(3)
+    ]
+    assert statuses == ["403", "403", "429"]
+
+
+async def test_unknown_keys_do_not_count(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(1, 60_000))))
+    unknown = apikeys.mint().plaintext
+    for _ in range(3):
+        assert (await client.get("/auth", headers=nginx("/api/v1/me", unknown))).status == 401
+    assert await fake.keys("wacrm:rl:*") == []
+
+
+async def test_forward_auth_sends_a_real_429(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+) -> None:
+    key = await put(fake, ())
+    headers = {"X-Forwarded-Uri": "/api/v1/me", "Authorization": f"Bearer {key}"}
+    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(1, 60_000))))
+    assert (await client.get("/forward-auth", headers=headers)).status == 200
+    resp = await client.get("/forward-auth", headers=headers)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "rate_limited"
+    assert resp.headers["X-RateLimit-Limit"] == "1"
+
+
+async def test_rate_limit_off(aiohttp_client: MakeClient, settings: Settings, fake: Redis) -> None:
+    key = await put(fake, ())
+    client = await aiohttp_client(create_app(replace(settings, rate_limit=None)))
+    for _ in range(5):
+        resp = await client.get("/auth", headers=nginx("/api/v1/me", key))
+        assert resp.status == 200
+        assert "X-RateLimit-Limit" not in resp.headers
+
+
+async def test_use_is_noted_once_per_interval(client: Client, fake: Redis) -> None:
+    key = await put(fake, ("contacts:read",))
+    before = time.time() * 1000
+    assert (await client.get("/auth", headers=nginx("/api/v1/contacts", key))).status == 200
+    score = await fake.zscore("wacrm:used", "key-1")
+    assert score is not None and score >= before - 1
+    await fake.delete("wacrm:used")
+    for _ in range(5):
+        await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert await fake.zscore("wacrm:used", "key-1") is None
+
+
+async def test_refused_requests_are_not_noted_as_use(client: Client, fake: Redis) -> None:
+    key = await put(fake, ())
+    assert (await client.get("/auth", headers=nginx("/api/v1/contacts", key))).status == 403
+    assert await fake.zscore("wacrm:used", "key-1") is None
+
+
+async def test_metrics_count_decisions_by_outcome_and_reason(client: Client, fake: Redis) -> None:
+    key = await put(fake, ())
+    await client.get("/auth", headers=nginx("/api/v1/me", key))
+    await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    await client.get("/auth", headers=nginx("/api/v1/me", apikeys.mint().plaintext))
+    text = await (await client.get("/metrics")).text()
+    assert 'wacrm_gate_decisions_total{outcome="allowed",reason="ok"} 1.0' in text
+    assert 'wacrm_gate_decisions_total{outcome="forbidden",reason="missing_scope"} 1.0' in text
+    assert 'wacrm_gate_decisions_total{outcome="unauthorized",reason="unknown"} 1.0' in text
+    assert "wacrm_gate_verify_seconds_count 3.0" in text
+
+
+async def test_metrics_count_redis_failures(aiohttp_client: MakeClient) -> None:
+    closed = f"redis://127.0.0.1:{procs.free_port()}/0"
+    client = await aiohttp_client(create_app(Settings(redis_url=closed)))
+    await client.get("/auth", headers=nginx("/api/v1/me", apikeys.mint().plaintext))
+    text = await (await client.get("/metrics")).text()
+    assert 'wacrm_gate_redis_errors_total{kind="connection"} 1.0' in text
+    assert 'wacrm_gate_decisions_total{outcome="unavailable",reason="unavailable"} 1.0' in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from demo import procs
+from sidecar import apikeys
 from sidecar.settings import OPTIONS
 from tests.conftest import RedisServer
 from tests.e2e import rawhttp
@@ -84,8 +87,60 @@ def test_workers_share_the_port_and_stop_on_sigterm(
             assert time.monotonic() < deadline, "the dead worker was not replaced"
             time.sleep(0.1)
         assert all(_ready(sidecar.port) == 200 for _ in range(20))
+        for _ in range(10):
+            rawhttp.request(sidecar.port, "/auth", headers=[("X-Original-URI", "/api/v1/me")])
+        # Whichever worker answers, /metrics counts the decisions of both.
+        for _ in range(4):
+            text = rawhttp.request(sidecar.port, "/metrics").body.decode()
+            assert (
+                'wacrm_gate_decisions_total{outcome="unauthorized",reason="missing"} 10.0' in text
+            )
         started = time.monotonic()
         assert sidecar.stop(signal.SIGTERM, timeout=15) == 0
         assert time.monotonic() - started < 10
     finally:
         sidecar.stop(signal.SIGKILL)
+
+
+async def test_sigterm_finishes_checks_in_flight(tmp_path: Path, redis_server: RedisServer) -> None:
+    """A check waiting on a slow Redis when SIGTERM arrives still gets its answer."""
+    redis_server.start()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+            while data := await src.read(65536):
+                await asyncio.sleep(delay)
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, 0), pipe(up_r, writer, 0.5))
+
+    slow = await asyncio.start_server(relay, "127.0.0.1", 0)
+    slow_port = slow.sockets[0].getsockname()[1]
+    sidecar = procs.sidecar(
+        tmp_path,
+        redis_url=f"redis://127.0.0.1:{slow_port}/0",
+        extra_env={"WACRM_REDIS_TIMEOUT": "3"},
+    )
+    await asyncio.to_thread(sidecar.start)
+    assert sidecar.proc is not None
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {
+                "X-Original-URI": "/api/v1/me",
+                "Authorization": "Bearer " + apikeys.mint().plaintext,
+            }
+            pending = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{sidecar.port}/auth", headers=headers)
+            )
+            await asyncio.sleep(0.2)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            resp = await pending
+            assert resp.status == 401  # the real answer, not a dropped connection
+        code = await asyncio.to_thread(sidecar.proc.wait, 10)
+        assert code == 0
+    finally:
+        sidecar.stop(signal.SIGKILL)
+        slow.close()

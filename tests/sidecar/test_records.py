@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from redis.asyncio import Redis
 
 from sidecar import records
-from sidecar.records import KeyRecord, Keyspace
+from sidecar.records import KeyRecord, Keyspace, RateLimit
 
 HASH = "ab" * 32
 RECORD = KeyRecord("key-1", "acct-1", "Acme", "wacrm_live_abcdefgh", ("contacts:read",), None)
@@ -29,11 +31,34 @@ def test_scan_pattern_escapes_glob_characters_in_the_prefix() -> None:
 def test_encoding_is_pinned_and_round_trips() -> None:
     raw = records.encode(RECORD, version=1700000000123)
     assert raw == (
-        b'{"v":1700000000123,"k":"key-1","a":"acct-1","n":"Acme",'
+        b'{"v":1700000000123,"l":null,"k":"key-1","a":"acct-1","n":"Acme",'
         b'"p":"wacrm_live_abcdefgh","s":["contacts:read"],"e":null}'
     )
     assert records.decode(raw) == RECORD
     assert records.version_of(raw) == 1700000000123
+    limited = replace(RECORD, rate_limit=RateLimit(10, 1000), expires_at_ms=5)
+    raw = records.encode(limited, version=1)
+    assert raw.startswith(b'{"v":1,"l":[10,1000],"k":"key-1"')
+    assert records.decode(raw) == limited
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("120/60s", RateLimit(120, 60_000)),
+        ("10/s", RateLimit(10, 1000)),
+        (" 1000/1h ", RateLimit(1000, 3_600_000)),
+        ("500/5m", RateLimit(500, 300_000)),
+    ],
+)
+def test_rate_limit_parses(text: str, limit: RateLimit) -> None:
+    assert RateLimit.parse(text) == limit
+
+
+@pytest.mark.parametrize("text", ["120", "120/60", "0/60s", "120/0s", "x/60s", "120/60d", ""])
+def test_rate_limit_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        RateLimit.parse(text)
 
 
 @pytest.mark.parametrize("raw", [b"", b"{}", b"[1]", b'{"v":1,"k":"x"}', b"\xff"])
