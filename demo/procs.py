@@ -70,6 +70,17 @@ class Process:
             )
         wait_for_port(self.port, timeout=timeout, proc=self.proc)
 
+    def start_background(self) -> None:
+        """Start a process that serves no port."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+
     def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 10.0) -> int | None:
         if self.proc is None:
             return None
