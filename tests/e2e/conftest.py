@@ -24,7 +24,13 @@ class Gate:
         self.keyspace = Keyspace()
         self.upstream = procs.upstream(workdir)
         self.sidecar = procs.sidecar(
-            workdir, redis_url=redis_server.url, extra_env={"WACRM_REDIS_TIMEOUT": "0.3"}
+            workdir,
+            redis_url=redis_server.url,
+            extra_env={
+                "WACRM_REDIS_TIMEOUT": "0.3",
+                # Wacrm's 120, over an hour: no request is earned back while a test runs.
+                "WACRM_RATE_LIMIT": "120/1h",
+            },
         )
         self.nginx = procs.nginx(
             workdir, sidecar_port=self.sidecar.port, upstream_port=self.upstream.port
