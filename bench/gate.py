@@ -324,10 +324,11 @@ class Bench:
 def _table(cases: list[Case], *, floor: Case | None) -> str:
     """Render *cases* as a markdown table, with rates relative to *floor*'s median run."""
     base = floor.median().rate if floor is not None and floor.runs else 0.0
+    base_cpu = _cpu_per_request(floor) if floor is not None else 0.0
     rows = [
-        "| case | req/s | req/s each round | p50 ms | p99 ms | x floor | errors"
+        "| case | req/s | req/s each round | p50 ms | p99 ms | x floor | x floor by CPU | errors"
         " | CPU us/req: auth app | nginx | Redis | wrk | other load (cores) |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         m = c.median()
@@ -336,18 +337,30 @@ def _table(cases: list[Case], *, floor: Case | None) -> str:
         if not c.auth_roots:
             cpu[0] = "-"
         ratio = f"{m.rate / base:.2f}" if base else "-"
+        own = _cpu_per_request(c)
+        cpu_ratio = f"{base_cpu / own:.2f}" if base_cpu and own else "-"
         seconds = sum(r.seconds for r in c.runs) or 1.0
         cpu.append(f"{c.cpu.get('other', 0.0) / seconds:.2f}")
         rows.append(
             f"| {c.name} | {m.rate:,.0f} | {' / '.join(f'{r.rate:,.0f}' for r in c.runs)}"
             f" | {statistics.median(r.p50_ms for r in c.runs):.2f}"
             f" | {statistics.median(r.p99_ms for r in c.runs):.2f}"
-            f" | {ratio} | {_errors(c)} | {' | '.join(cpu)} |"
+            f" | {ratio} | {cpu_ratio} | {_errors(c)} | {' | '.join(cpu)} |"
         )
     return "\n".join(rows)
 
 
 _CPU_GROUPS = ("auth", "nginx", "redis", "wrk")
+
+
+def _cpu_per_request(case: Case) -> float:
+    """Return the CPU seconds a request of *case* cost wrk, nginx, Redis and the auth app.
+
+    On a machine shared with other work, throughput swings with their load; this does not,
+    and on a CPU-bound box its inverse ratio predicts the throughput ratio.
+    """
+    total = sum(r.requests for r in case.runs)
+    return sum(case.cpu.get(k, 0.0) for k in _CPU_GROUPS) / total if total else 0.0
 
 
 def _errors(case: Case) -> str:
