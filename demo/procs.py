@@ -60,18 +60,12 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 15.0) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
+        """Start the process and wait until it listens on its port."""
+        self.start_background()
         wait_for_port(self.port, timeout=timeout, proc=self.proc)
 
     def start_background(self) -> None:
-        """Start a process that serves no port."""
+        """Start the process without waiting for it."""
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
