@@ -232,7 +232,8 @@ class Bench:
                 if time.monotonic() - began >= len(samples) * SAMPLE_EVERY:
                     samples.append((time.monotonic() - began, self._sidecar_rss()))
             result = wrk.finish(running)
-            samples.append((time.monotonic() - began, self._sidecar_rss()))
+            if time.monotonic() - began - samples[-1][0] >= 1.0:
+                samples.append((time.monotonic() - began, self._sidecar_rss()))
             return result
 
         case.runs.append(self._charged(case, load))
