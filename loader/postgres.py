@@ -212,17 +212,7 @@ class PostgresFeed:
 
 
 def _row(r: Any) -> KeyRow:
-    return KeyRow(
-        key_id=r[0],
-        account_id=r[1],
-        account_name=r[2],
-        account_exists=r[3],
-        key_prefix=r[4],
-        key_hash=r[5],
-        scopes=tuple(r[6]),
-        expires_at_ms=r[7],
-        revoked=r[8],
-    )
+    return KeyRow(*r)
 
 
 def _is_uuid(text: str) -> bool:

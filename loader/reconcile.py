@@ -82,13 +82,13 @@ async def reconcile(
     async for rows in _prefetch(source.snapshot(batch_size)):
         wanted: list[tuple[str, KeyRecord]] = []
         for row in rows:
-            verdict = judge(row, known_scopes, version)
-            if verdict.problems:
-                problems.note(row.key_id, verdict.problems)
-            if verdict.record is None:
+            record, trouble = judge(row, known_scopes, version)
+            if trouble:
+                problems.note(row.key_id, trouble)
+            if record is None:
                 report.skipped += 1
             else:
-                wanted.append((row.key_hash, verdict.record))
+                wanted.append((row.key_hash, record))
                 seen.add(bytes.fromhex(row.key_hash))
         stored = await reads.fetch([h for h, _ in wanted])
         await writes.put(
@@ -110,7 +110,7 @@ async def reconcile(
     await writes.wait(deletes)
     await writes.mark_loaded(version)
     problems.summarise()
-    report.written, report.kept_out = puts.applied, puts.kept_out
+    report.written, report.kept_out = puts.applied, puts.kept_out + deletes.kept_out
     report.deleted = deletes.applied
     report.problems = problems.count
     report.seconds = time.monotonic() - started
@@ -139,10 +139,10 @@ async def refresh(
     gone = {h for h in changes.key_hashes if is_valid_hash(h)}
     problems = _Problems()
     for row in rows:
-        verdict = judge(row, known_scopes, version)
-        problems.note(row.key_id, verdict.problems)
-        if verdict.record is not None:
-            puts[row.key_hash] = verdict.record
+        record, trouble = judge(row, known_scopes, version)
+        problems.note(row.key_id, trouble)
+        if record is not None:
+            puts[row.key_hash] = record
         elif is_valid_hash(row.key_hash):
             gone.add(row.key_hash)
     gone -= puts.keys()

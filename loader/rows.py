@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, cast
 
 from sidecar.records import KeyRecord
 
@@ -14,9 +14,11 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 MAX_ACCOUNT_NAME = 200
 
 
-@dataclass(frozen=True, slots=True)
-class KeyRow:
-    """One ``api_keys`` row joined to its account, as either source reads it."""
+class KeyRow(NamedTuple):
+    """One ``api_keys`` row joined to its account, as either source reads it.
+
+    A named tuple rather than a dataclass: a sync builds a million of them.
+    """
 
     key_id: str
     account_id: str
@@ -25,19 +27,16 @@ class KeyRow:
     account_exists: bool
     key_prefix: str
     key_hash: str
-    scopes: tuple[str | None, ...]
+    scopes: Sequence[str | None]
     expires_at_ms: int | None
     revoked: bool
     #: Why the source could not read the row properly; such a row is skipped.
     problem: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What to do with a row: the record to hold (None = hold nothing) and any complaints."""
-
-    record: KeyRecord | None
-    problems: tuple[str, ...] = ()
+#: What to do with a row: the record to hold (None = hold nothing) and any complaints.
+Verdict = tuple[KeyRecord | None, tuple[str, ...]]
+_NOTHING: Verdict = (None, ())
 
 
 def is_valid_hash(key_hash: str) -> bool:
@@ -52,33 +51,39 @@ def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
     nothing and is a problem; unknown scopes and odd account names are dropped or cleaned,
     and reported, but the key is still loaded.
     """
-    if row.revoked:
-        return Verdict(None)
-    if row.expires_at_ms is not None and row.expires_at_ms <= now_ms:
-        return Verdict(None)
-    if row.problem is not None:
-        return Verdict(None, (f"{row.problem}, key skipped",))
-    if not is_valid_hash(row.key_hash):
-        return Verdict(None, ("malformed key_hash, key skipped",))
-    if not row.account_exists:
-        return Verdict(None, (f"account {row.account_id} does not exist, key skipped",))
+    (
+        key_id,
+        account_id,
+        name,
+        account_exists,
+        key_prefix,
+        key_hash,
+        raw_scopes,
+        expires,
+        revoked,
+        problem,
+    ) = row
+    if revoked or (expires is not None and expires <= now_ms):
+        return _NOTHING
+    if problem is not None:
+        return None, (f"{problem}, key skipped",)
+    if len(key_hash) != 64 or _HASH.fullmatch(key_hash) is None:
+        return None, ("malformed key_hash, key skipped",)
+    if not account_exists:
+        return None, (f"account {account_id} does not exist, key skipped",)
     problems: list[str] = []
-    scopes = _clean_scopes(row.scopes, known_scopes, problems)
-    name = row.account_name
-    if name is not None:
+    scopes = cast("tuple[str, ...]", tuple(raw_scopes))
+    if not known_scopes.issuperset(scopes) or len(set(scopes)) != len(scopes):
+        scopes = _clean_scopes(raw_scopes, known_scopes, problems)
+    if name is not None and (len(name) > MAX_ACCOUNT_NAME or not name.isprintable()):
         cleaned = clean_text(name)[:MAX_ACCOUNT_NAME]
         if cleaned != name:
             problems.append("account name has control characters or is too long; cleaned")
             name = cleaned
-    record = KeyRecord(
-        key_id=row.key_id,
-        account_id=row.account_id,
-        account_name=name,
-        key_prefix=clean_text(row.key_prefix),
-        scopes=scopes,
-        expires_at_ms=row.expires_at_ms,
-    )
-    return Verdict(record, tuple(problems))
+    if not key_prefix.isprintable():
+        key_prefix = clean_text(key_prefix)
+    record = KeyRecord(key_id, account_id, name, key_prefix, scopes, expires)
+    return record, tuple(problems)
 
 
 def clean_text(text: str) -> str:

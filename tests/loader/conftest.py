@@ -1,0 +1,147 @@
+"""Fixtures for the loader: a throw-away PostgreSQL database with Wacrm's schema, and sources."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from loader.mirror import Mirror
+from loader.postgres import PostgresSource
+from loader.settings import Settings
+from loader.sqlite import SqliteSource
+from sidecar.apikeys import mint
+from sidecar.records import Keyspace
+from sidecar.routes import load_policy
+from tests.conftest import RedisServer
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+WACRM_SCHEMA = HERE / "wacrm_schema.sql"
+NOTIFY_SQL = ROOT / "loader" / "wacrm-notify.sql"
+ADMIN_DSN = os.environ.get("WACRM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+KNOWN = load_policy().scopes
+
+
+def with_database(dsn: str, database: str) -> str:
+    """Return *dsn* pointing at *database* instead."""
+    base, _, rest = dsn.rpartition("/")
+    query = rest.partition("?")[2]
+    return f"{base}/{database}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """Create a database with Wacrm's schema and the shipped trigger for the session."""
+    import asyncio
+
+    name = f"wacrm_test_{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(with_database(ADMIN_DSN, name))
+        try:
+            await conn.execute(WACRM_SCHEMA.read_text())
+            await conn.execute(NOTIFY_SQL.read_text())
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield with_database(ADMIN_DSN, name)
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """Return a connection to the session's database, emptied before the test."""
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("TRUNCATE accounts, api_keys CASCADE")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def pg_source(pg: asyncpg.Connection, pg_dsn: str) -> AsyncIterator[PostgresSource]:
+    source = await PostgresSource.open(pg_dsn, connect_timeout=5)
+    yield source
+    await source.close()
+
+
+@pytest.fixture
+async def sqlite_source(tmp_path: Path) -> AsyncIterator[SqliteSource]:
+    source = await SqliteSource.open(tmp_path / "keys.db")
+    yield source
+    await source.close()
+
+
+@pytest.fixture
+async def mirror(redis: Redis, redis_server: RedisServer) -> AsyncIterator[Mirror]:
+    m = await Mirror.open(redis_server.url, Keyspace(), connect_timeout=5)
+    yield m
+    await m.close()
+
+
+@pytest.fixture
+async def mirror2(redis: Redis, redis_server: RedisServer) -> AsyncIterator[Mirror]:
+    m = await Mirror.open(redis_server.url, Keyspace(), connect_timeout=5)
+    yield m
+    await m.close()
+
+
+def settings_for(source: str, redis_server: RedisServer, **kw: object) -> Settings:
+    """Return loader settings for *source* and the session's Redis, fast polling."""
+    values: dict[str, object] = {
+        "source": source,
+        "redis_url": redis_server.url,
+        "poll_interval": 0.05,
+        "retry_max": 0.5,
+        "timeout": 2.0,
+    }
+    values.update(kw)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+async def pg_account(pg: asyncpg.Connection, name: str | None = "Acme Inc") -> str:
+    """Insert an account; return its id."""
+    account_id = str(uuid.uuid4())
+    await pg.execute("INSERT INTO accounts (id, name) VALUES ($1, $2)", account_id, name)
+    return account_id
+
+
+async def pg_key(
+    pg: asyncpg.Connection,
+    account_id: str,
+    scopes: list[str] | None = None,
+    *,
+    expires_sql: str = "NULL",
+    key_hash: str | None = None,
+) -> tuple[str, str, str]:
+    """Insert a key the way Wacrm does; return (key id, plaintext, hash)."""
+    minted = mint()
+    key_id = str(uuid.uuid4())
+    await pg.execute(
+        "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes, expires_at)"
+        f" VALUES ($1, $2, 'test key', $3, $4, $5, {expires_sql})",
+        key_id,
+        account_id,
+        minted.key_prefix,
+        key_hash or minted.key_hash,
+        scopes if scopes is not None else ["messages:send"],
+    )
+    return key_id, minted.plaintext, key_hash or minted.key_hash

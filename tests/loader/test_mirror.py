@@ -1,0 +1,80 @@
+"""Versioned writes of records, against a real redis-server."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from loader.mirror import Mirror, same_record
+from loader.pipe import Batch
+from sidecar.records import KeyRecord, Keyspace, decode, encode, version_of
+
+KS = Keyspace()
+H1, H2 = "1" * 64, "2" * 64
+REC = KeyRecord("k1", "a1", "Acme", "wacrm_live_abcdefgh", ("messages:send",), None)
+
+
+async def test_versions_come_from_redis_and_move_forward(mirror: Mirror) -> None:
+    first = await mirror.version()
+    second = await mirror.version()
+    assert second > first
+
+
+async def test_put_then_fetch_then_delete(mirror: Mirror, redis: Redis) -> None:
+    batch = Batch()
+    await mirror.put([(H1, REC)], version=100, batch=batch)
+    await mirror.wait(batch)
+    assert batch.applied == 1
+    stored = await mirror.fetch([H1, H2])
+    assert stored[1] is None and stored[0] is not None
+    assert decode(stored[0]) == REC and version_of(stored[0]) == 100
+    batch = Batch()
+    await mirror.delete([H1], version=101, batch=batch)
+    await mirror.wait(batch)
+    assert await redis.exists(KS.record(H1)) == 0
+    assert await redis.get(KS.tombstone(H1)) == b"101"
+
+
+async def test_an_older_write_cannot_undo_a_newer_delete(mirror: Mirror, redis: Redis) -> None:
+    batch = Batch()
+    await mirror.delete([H1], version=200, batch=batch)
+    await mirror.put([(H1, REC)], version=199, batch=batch)
+    await mirror.wait(batch)
+    assert batch.kept_out == 1
+    assert await redis.exists(KS.record(H1)) == 0
+
+
+async def test_an_older_delete_cannot_remove_a_newer_record(mirror: Mirror, redis: Redis) -> None:
+    batch = Batch()
+    await mirror.put([(H1, REC)], version=300, batch=batch)
+    await mirror.delete([H1], version=299, batch=batch)
+    await mirror.wait(batch)
+    assert batch.kept_out == 1
+    assert await redis.exists(KS.record(H1)) == 1
+
+
+async def test_expiring_records_carry_a_redis_expiry(mirror: Mirror, redis: Redis) -> None:
+    seconds, _ = await redis.time()
+    at = (seconds + 60) * 1000
+    batch = Batch()
+    await mirror.put([(H1, KeyRecord("k", "a", None, "p", (), at))], version=1, batch=batch)
+    await mirror.wait(batch)
+    assert await redis.pexpiretime(KS.record(H1)) == at
+
+
+async def test_scan_and_loaded_mark(mirror: Mirror) -> None:
+    assert not await mirror.is_loaded()
+    batch = Batch()
+    await mirror.put([(H1, REC), (H2, REC)], version=1, batch=batch)
+    await mirror.delete(["3" * 64], version=1, batch=batch)  # a tombstone is not a record
+    await mirror.wait(batch)
+    found = [h async for page in mirror.scan_hashes(count=1) for h in page]
+    assert sorted(set(found)) == [H1, H2]
+    await mirror.mark_loaded(5)
+    assert await mirror.is_loaded()
+
+
+def test_same_record_ignores_the_version() -> None:
+    assert same_record(encode(REC, version=1), REC)
+    assert same_record(encode(REC, version=1234567890123), REC)
+    other = KeyRecord("k1", "a1", "Acme", "wacrm_live_abcdefgh", ("contacts:read",), None)
+    assert not same_record(encode(other, version=1), REC)

@@ -1,0 +1,56 @@
+"""The streaming Redis connection, against a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from loader.pipe import Batch, Pipe, PipeError, pack
+from tests.conftest import RedisServer
+
+
+def test_pack_is_resp() -> None:
+    assert pack("SET", b"k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+
+
+async def test_calls_answer_in_order(redis: Redis, redis_server: RedisServer) -> None:
+    pipe = await Pipe.open(redis_server.url, connect_timeout=2)
+    try:
+        assert await pipe.call("SET", "a", "1") == b"OK"
+        assert await pipe.call("GET", "a") == b"1"
+        with pytest.raises(PipeError, match=r"WRONGTYPE|ERR"):
+            await pipe.call("LPUSH", "a", "x")
+        assert await pipe.call("PING") == b"PONG"
+    finally:
+        await pipe.close()
+
+
+async def test_a_batch_tallies_every_reply(redis: Redis, redis_server: RedisServer) -> None:
+    pipe = await Pipe.open(redis_server.url, connect_timeout=2)
+    try:
+        batch = Batch()
+        commands = [pack("SETNX", f"k{i % 100}", "v") for i in range(25000)]
+        await pipe.send(b"".join(commands), len(commands), batch)
+        await pipe.wait(batch)
+        assert (batch.applied, batch.kept_out, batch.errors) == (100, 24900, [])
+        assert await redis.dbsize() == 100
+    finally:
+        await pipe.close()
+
+
+async def test_a_dead_server_fails_fast(redis_server: RedisServer) -> None:
+    with pytest.raises(PipeError, match="cannot connect"):
+        await Pipe.open("redis://127.0.0.1:1/0", connect_timeout=1)
+
+
+async def test_a_server_going_away_fails_waiting_calls(redis_server: RedisServer) -> None:
+    redis_server.start()
+    pipe = await Pipe.open(redis_server.url, connect_timeout=2)
+    try:
+        redis_server.stop()
+        with pytest.raises(PipeError):
+            for _ in range(3):  # the first write may still reach the socket buffer
+                await pipe.call("PING")
+    finally:
+        await pipe.close()
+        redis_server.start()

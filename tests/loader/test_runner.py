@@ -1,0 +1,138 @@
+"""``run`` against real PostgreSQL/SQLite and Redis: changes within a second, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from loader import runner
+from loader.settings import Settings
+from loader.source import SourceUnavailable
+from sidecar.records import Keyspace, decode
+from tests.conftest import RedisServer
+from tests.loader.conftest import pg_account, pg_key, settings_for
+
+KS = Keyspace()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> float:
+    """Wait until *check* holds; return how long it took, or fail after *within* seconds."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > within:
+            pytest.fail(f"not true within {within} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(runner.run(settings))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def present(redis: Redis, key_hash: str) -> bool:
+    return bool(await redis.exists(KS.record(key_hash)))
+
+
+async def test_run_follows_postgresql_within_a_second(
+    pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
+) -> None:
+    acct = await pg_account(pg)
+    _, _, initial = await pg_key(pg, acct)
+    async with running(settings_for(pg_dsn, redis_server)):
+        await eventually(lambda: redis.exists(KS.loaded), 5)
+        assert await present(redis, initial)
+
+        key_id, _, key_hash = await pg_key(pg, acct, ["messages:send"])
+        assert await eventually(lambda: present(redis, key_hash), 1.0) < 1.0
+
+        await pg.execute("UPDATE api_keys SET scopes = '{contacts:read}' WHERE id = $1", key_id)
+
+        async def rescoped() -> bool:
+            raw = await redis.get(KS.record(key_hash))
+            return raw is not None and decode(raw).scopes == ("contacts:read",)
+
+        assert await eventually(rescoped, 1.0) < 1.0
+
+        await pg.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+        assert await eventually(lambda: _absent(redis, key_hash), 1.0) < 1.0
+
+        await pg.execute("DELETE FROM accounts WHERE id = $1", acct)
+        assert await eventually(lambda: _absent(redis, initial), 1.0) < 1.0
+
+
+async def test_run_reloads_a_redis_that_lost_its_data(
+    pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
+) -> None:
+    acct = await pg_account(pg)
+    _, _, key_hash = await pg_key(pg, acct)
+    async with running(settings_for(pg_dsn, redis_server)):
+        await eventually(lambda: present(redis, key_hash), 5)
+        await redis.flushall()
+        await eventually(lambda: present(redis, key_hash), 3)
+
+        redis_server.stop()
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        fresh = Redis.from_url(redis_server.url)
+        try:
+            await eventually(lambda: present(fresh, key_hash), 5)
+        finally:
+            await fresh.aclose()
+
+
+async def test_run_keeps_retrying_while_the_source_is_down(
+    redis: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    await redis.set(KS.record("a" * 64), b'{"v":1}')
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/none", redis_server)
+    with caplog.at_level(logging.WARNING, logger="loader"):
+        async with running(settings) as task:
+            await asyncio.sleep(1.5)
+            assert not task.done()
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) >= 2 and all(r.exc_info is None for r in retries)
+    assert await redis.exists(KS.record("a" * 64)) == 1  # what Redis holds is kept
+
+
+async def test_sync_fails_clearly_when_the_source_is_down(redis_server: RedisServer) -> None:
+    with pytest.raises(SourceUnavailable, match="cannot connect to PostgreSQL"):
+        await runner.sync(settings_for("postgresql://postgres@127.0.0.1:1/none", redis_server))
+
+
+async def test_run_follows_sqlite_within_a_second(
+    tmp_path: Path, redis: Redis, redis_server: RedisServer
+) -> None:
+    path = tmp_path / "keys.db"
+    async with running(settings_for(f"sqlite:///{path}", redis_server)):
+        await eventually(lambda: redis.exists(KS.loaded), 5)
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
+            db.execute(
+                "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"
+                " VALUES ('k1', 'acct', 'n', 'wacrm_live_abcdefgh', ?, '[\"messages:send\"]')",
+                ("a" * 64,),
+            )
+        assert await eventually(lambda: present(redis, "a" * 64), 1.0) < 1.0
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE api_keys SET revoked_at = '2025-01-01T00:00:00Z' WHERE id = 'k1'")
+        assert await eventually(lambda: _absent(redis, "a" * 64), 1.0) < 1.0
+
+
+async def _absent(redis: Redis, key_hash: str) -> bool:
+    return not await present(redis, key_hash)
