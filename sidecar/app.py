@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from functools import lru_cache
 
 import orjson
 from aiohttp import web
@@ -11,7 +12,7 @@ from aiohttp import web
 from sidecar import decision
 from sidecar.decision import Denial
 from sidecar.metrics import Metrics
-from sidecar.records import Keyspace
+from sidecar.records import KeyRecord, Keyspace
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
 from sidecar.settings import Settings
@@ -133,13 +134,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _identity(verdict: Verdict) -> dict[str, str]:
-    record = verdict.record
-    assert record is not None
+    assert verdict.record is not None
+    return {**_identity_of(verdict.record), **verdict.rate_headers()}
+
+
+@lru_cache(maxsize=16384)
+def _identity_of(record: KeyRecord) -> dict[str, str]:
+    # Cached by the record's value: a changed record is a new entry. Never mutate the result.
     return {
         ACCOUNT_HEADER: record.account_id,
         KEY_HEADER: record.key_id,
         SCOPES_HEADER: " ".join(record.scopes),
-        **verdict.rate_headers(),
     }
 
 
@@ -155,26 +160,33 @@ def _target_of(url: str) -> str:
 def _refusal(verdict: Verdict) -> web.Response:
     denial = verdict.denial
     assert denial is not None
-    return _json(denial.status, denial.body, {**denial.headers, **verdict.rate_headers()})
+    return _json(denial.status, denial.body, {**dict(denial.headers), **verdict.rate_headers()})
 
 
 def _nginx_refusal(denial: Denial, rate_headers: dict[str, str]) -> web.Response:
-    """Squeeze *denial* into what auth_request passes on: 401 or 403, plus the real status.
+    """Squeeze *denial* into what auth_request passes on: 401 or 403, plus the real status."""
+    status, headers = _nginx_form(denial)
+    return web.Response(status=status, headers={**headers, **rate_headers})
 
-    Any other status becomes nginx's 500, which the shipped snippets turn into 503; so 400 and
-    429 travel as 403.  nginx copies WWW-Authenticate from a 401 by itself; on a 403 the
-    snippet adds it from X-Wacrm-Challenge.
+
+@lru_cache(maxsize=1024)
+def _nginx_form(denial: Denial) -> tuple[int, dict[str, str]]:
+    """Return the status and headers that carry *denial* through auth_request.
+
+    Any status but 2xx, 401 and 403 becomes nginx's 500, which the shipped snippets turn into
+    503; so 400 and 429 travel as 403, with the real status in X-Wacrm-Status.  nginx copies
+    WWW-Authenticate from a 401 by itself; on a 403 the snippet adds it from X-Wacrm-Challenge.
+    The result is shared: never mutate it.
     """
     status = denial.status if denial.status in (401, 403, 500, 503) else 403
     headers = {
-        **denial.headers,
-        **rate_headers,
+        **dict(denial.headers),
         STATUS_HEADER: str(denial.status),
         ERROR_HEADER: denial.body.decode(),
     }
     if status != 401 and "WWW-Authenticate" in headers:
         headers[CHALLENGE_HEADER] = headers.pop("WWW-Authenticate")
-    return web.Response(status=status, headers=headers)
+    return status, headers
 
 
 def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:

@@ -6,7 +6,7 @@ body whatever the cause, so a revoked key cannot be told from an unknown one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import orjson
@@ -23,7 +23,7 @@ class Denial:
 
     status: int
     body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: tuple[tuple[str, str], ...] = ()
     #: Why, for metrics and debug logs; never shown to the client.
     reason: str = ""
 
@@ -38,39 +38,41 @@ UNAVAILABLE_BODY = _error("internal", "Rate limit service unavailable")
 RATE_LIMITED_BODY = _error("rate_limited", "Rate limit exceeded for this API key")
 
 #: No credential at all: RFC 6750 asks for the challenge without an error code.
-NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, {"WWW-Authenticate": REALM}, "missing")
+NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, (("WWW-Authenticate", REALM),), "missing")
 
 
 def invalid_credential(reason: str) -> Denial:
     """Refuse a credential that is malformed, unknown, revoked or expired, all alike."""
     return Denial(
-        401, UNAUTHORIZED_BODY, {"WWW-Authenticate": f'{REALM}, error="invalid_token"'}, reason
+        401, UNAUTHORIZED_BODY, (("WWW-Authenticate", f'{REALM}, error="invalid_token"'),), reason
     )
 
 
 MALFORMED = invalid_credential("malformed")
 UNKNOWN = invalid_credential("unknown")
 EXPIRED = invalid_credential("expired")
-UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, {"Retry-After": "1"}, "unavailable")
-MISCONFIGURED = Denial(500, INTERNAL_BODY, {}, "misconfigured")
-BAD_PATH = Denial(400, _error("bad_request", "Malformed request path"), {}, "bad_path")
+UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, (("Retry-After", "1"),), "unavailable")
+MISCONFIGURED = Denial(500, INTERNAL_BODY, (), "misconfigured")
+BAD_PATH = Denial(400, _error("bad_request", "Malformed request path"), (), "bad_path")
 SPOOFED = Denial(
     400,
     _error("bad_request", "Request carries reserved X-Wacrm-* headers"),
-    {},
+    (),
     "spoofed_headers",
 )
 UNLISTED_ROUTE = Denial(
     403,
     _error("forbidden", "This route is not available to API keys"),
-    {"WWW-Authenticate": f'{REALM}, error="insufficient_scope"'},
+    (("WWW-Authenticate", f'{REALM}, error="insufficient_scope"'),),
     "unlisted_route",
 )
 
 
 def rate_limited(retry_after: int) -> Denial:
     """Refuse a key over its rate limit; it may try again in *retry_after* seconds."""
-    return Denial(429, RATE_LIMITED_BODY, {"Retry-After": str(max(1, retry_after))}, "rate_limited")
+    return Denial(
+        429, RATE_LIMITED_BODY, (("Retry-After", str(max(1, retry_after))),), "rate_limited"
+    )
 
 
 @lru_cache(maxsize=512)
@@ -79,7 +81,7 @@ def missing_scope(scope: str) -> Denial:
     return Denial(
         403,
         _error("forbidden", f"This API key is missing the '{scope}' scope"),
-        {"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
+        (("WWW-Authenticate", f'{REALM}, error="insufficient_scope", scope="{scope}"'),),
         "missing_scope",
     )
 
