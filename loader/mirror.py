@@ -14,6 +14,10 @@ REDIS_ERRORS = (PipeError, OSError, asyncio.TimeoutError)
 
 #: How long to wait after reading the clock so that anything read later is strictly newer.
 _TICK = 0.002
+_NEVER = b"$0\r\n\r\n"
+_VERSION_0 = len(b'{"v":0')
+if not encode(KeyRecord("", "", None, "", ()), version=0).startswith(b'{"v":0,'):
+    raise ImportError("sidecar.records no longer encodes the version first")
 
 
 class Mirror:
@@ -24,6 +28,15 @@ class Mirror:
         self.keyspace = keyspace
         self._put_head = b""
         self._delete_head = b""
+        # Every record and tombstone key is the prefix, a fixed part and a 64-character hash,
+        # so their RESP form is a constant head, the hash and a constant tail.
+        prefix = keyspace.prefix.encode()
+        self._prefix_len = len(keyspace.record("")) - 1
+        self._record_head = b"$%d\r\n%s" % (len(keyspace.record("0" * 64)), prefix + b"key:{")
+        self._tombstone_head = b"$%d\r\n%s" % (
+            len(keyspace.tombstone("0" * 64)),
+            prefix + b"gone:{",
+        )
 
     @classmethod
     async def open(cls, url: str, keyspace: Keyspace, *, connect_timeout: float) -> Mirror:
@@ -62,56 +75,64 @@ class Mirror:
         """Return the stored record of each of *key_hashes* (None where there is none)."""
         if not key_hashes:
             return []
-        record = self.keyspace.record
-        result: list[bytes | None] = await self.pipe.call("MGET", *[record(h) for h in key_hashes])
+        head = self._record_head
+        command = b"*%d\r\n$4\r\nMGET\r\n%s%s}\r\n" % (
+            len(key_hashes) + 1,
+            head,
+            (b"}\r\n" + head).join([h.encode() for h in key_hashes]),
+        )
+        result: list[bytes | None] = await self.pipe.request(command)
         return result
 
     async def put(
         self, records: Iterable[tuple[str, KeyRecord]], *, version: int, batch: Batch
     ) -> None:
         """Send a versioned write of each (hash, record) in *records*; tally them in *batch*."""
-        head = self._put_head
-        ks = self.keyspace
-        out: list[bytes] = []
-        for key_hash, record in records:
-            rk = ks.record(key_hash).encode()
-            tk = ks.tombstone(key_hash).encode()
-            payload = encode(record, version=version)
-            ver = b"%d" % version
-            exp = b"" if record.expires_at_ms is None else b"%d" % record.expires_at_ms
-            out.append(
-                b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                % (
-                    head,
-                    len(rk),
-                    rk,
-                    len(tk),
-                    tk,
-                    len(payload),
-                    payload,
-                    len(ver),
-                    ver,
-                    len(exp),
-                    exp,
-                )
+        await self.put_bodies(
+            [(h, unversioned(r), r.expires_at_ms) for h, r in records], version=version, batch=batch
+        )
+
+    async def put_bodies(
+        self, bodies: Sequence[tuple[str, bytes, int | None]], *, version: int, batch: Batch
+    ) -> None:
+        """Like `put`, for (hash, `unversioned` record, expiry) triples already encoded."""
+        if not bodies:
+            return
+        head, rhead, thead = self._put_head, self._record_head, self._tombstone_head
+        ver = b"%d" % version
+        # The payload is encode(record, version=version): the version field, then the body.
+        lead = b'{"v":' + ver
+        tail = b"$%d\r\n%s\r\n" % (len(ver), ver)
+        out = [
+            b"%s%s%s}\r\n%s%s}\r\n$%d\r\n%s%s\r\n%s%s"
+            % (
+                head,
+                rhead,
+                hb,
+                thead,
+                hb,
+                len(lead) + len(body),
+                lead,
+                body,
+                tail,
+                _NEVER if expires is None else b"$%d\r\n%d\r\n" % (len(str(expires)), expires),
             )
-        if out:
-            await self.pipe.send(b"".join(out), len(out), batch)
+            for h, body, expires in bodies
+            for hb in (h.encode(),)
+        ]
+        await self.pipe.send(b"".join(out), len(out), batch)
 
     async def delete(self, key_hashes: Iterable[str], *, version: int, batch: Batch) -> None:
         """Send a versioned delete of each of *key_hashes*; tally them in *batch*."""
-        head = self._delete_head
-        ks = self.keyspace
+        head, rhead, thead = self._delete_head, self._record_head, self._tombstone_head
         ver = b"%d" % version
         ttl = b"%d" % TOMBSTONE_TTL_MS
-        out: list[bytes] = []
-        for key_hash in key_hashes:
-            rk = ks.record(key_hash).encode()
-            tk = ks.tombstone(key_hash).encode()
-            out.append(
-                b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                % (head, len(rk), rk, len(tk), tk, len(ver), ver, len(ttl), ttl)
-            )
+        tail = b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ver), ver, len(ttl), ttl)
+        out = [
+            b"%s%s%s}\r\n%s%s}\r\n%s" % (head, rhead, hb, thead, hb, tail)
+            for h in key_hashes
+            for hb in (h.encode(),)
+        ]
         if out:
             await self.pipe.send(b"".join(out), len(out), batch)
 
@@ -122,15 +143,15 @@ class Mirror:
             raise PipeError(f"Redis refused {len(batch.errors)} writes: {batch.errors[0]}")
         return batch
 
-    async def scan_hashes(self, *, count: int = 10000) -> AsyncIterator[list[str]]:
-        """Yield the hashes of every stored record, a SCAN page at a time."""
+    async def scan_hashes(self, *, count: int = 10000) -> AsyncIterator[list[bytes]]:
+        """Yield the hashes (as ASCII bytes) of every stored record, a SCAN page at a time."""
         cursor: Any = b"0"
         pattern = self.keyspace.record_pattern
-        hash_of = self.keyspace.hash_of
+        start = self._prefix_len
         while True:
             cursor, keys = await self.pipe.call("SCAN", cursor, "MATCH", pattern, "COUNT", count)
             if keys:
-                yield [hash_of(k) for k in keys]
+                yield [k[start:-1] for k in keys]
             if cursor in (b"0", "0", 0):
                 return
 
@@ -143,10 +164,18 @@ class Mirror:
         return bool(await self.pipe.call("EXISTS", self.keyspace.loaded))
 
 
+def unversioned(record: KeyRecord) -> bytes:
+    """Return ``encode(record, ...)`` after its version: what every stored copy shares.
+
+    `sidecar.records` puts the version first (its scripts rely on it), so the encoding at
+    any version is ``{"v":<version>`` followed by these bytes.
+    """
+    return encode(record, version=0)[_VERSION_0:]
+
+
 def same_record(stored: bytes, record: KeyRecord) -> bool:
     """Tell whether *stored* holds *record*, whatever version it was written at."""
-    fresh = encode(record, version=0)
-    return stored[stored.find(b",") :] == fresh[fresh.find(b",") :]
+    return stored[stored.find(b",") :] == unversioned(record)
 
 
 def _sha(reply: bytes | str) -> bytes:

@@ -105,6 +105,12 @@ class Pipe:
         await self._send(pack(*args), 1, future)
         return await future
 
+    async def request(self, data: bytes) -> Any:
+        """Send one packed command and return its reply; raise PipeError on an error reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._send(data, 1, future)
+        return await future
+
     async def send(self, data: bytes, count: int, batch: Batch) -> None:
         """Send *count* packed commands in *data*; their replies are tallied in *batch*."""
         batch.expected += count

@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from binascii import unhexlify
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from loader.mirror import Mirror, same_record
+from loader.mirror import Mirror, unversioned
 from loader.pipe import Batch
 from loader.rows import KeyRow, is_valid_hash, judge
 from loader.source import Changes, Source
@@ -79,33 +80,32 @@ async def reconcile(
     seen: set[bytes] = set()
     problems = _Problems()
     puts = Batch()
+    seen_add = seen.add
     async for rows in _prefetch(source.snapshot(batch_size)):
-        wanted: list[tuple[str, KeyRecord]] = []
+        hashes: list[str] = []
+        records: list[KeyRecord] = []
         for row in rows:
             record, trouble = judge(row, known_scopes, version)
             if trouble:
-                problems.note(row.key_id, trouble)
+                problems.note(row[0], trouble)
             if record is None:
                 report.skipped += 1
             else:
-                wanted.append((row.key_hash, record))
-                seen.add(bytes.fromhex(row.key_hash))
-        stored = await reads.fetch([h for h, _ in wanted])
-        await writes.put(
-            [
-                (h, r)
-                for (h, r), s in zip(wanted, stored, strict=True)
-                if s is None or not same_record(s, r)
-            ],
-            version=version,
-            batch=puts,
-        )
-        report.active += len(wanted)
+                hashes.append(row[5])
+                records.append(record)
+                seen_add(unhexlify(row[5]))
+        stored = await reads.fetch(hashes)
+        changed = []
+        for key_hash, record, raw in zip(hashes, records, stored, strict=True):
+            body = unversioned(record)
+            if raw is None or raw[raw.find(b",") :] != body:
+                changed.append((key_hash, body, record.expires_at_ms))
+        await writes.put_bodies(changed, version=version, batch=puts)
+        report.active += len(hashes)
     deletes = Batch()
-    async for hashes in reads.scan_hashes():
-        await writes.delete(
-            [h for h in hashes if not _seen(seen, h)], version=version, batch=deletes
-        )
+    async for page in reads.scan_hashes():
+        gone = [h.decode() for h in page if not _seen(seen, h)]
+        await writes.delete(gone, version=version, batch=deletes)
     await writes.wait(puts)
     await writes.wait(deletes)
     await writes.mark_loaded(version)
@@ -162,10 +162,10 @@ async def refresh(
     )
 
 
-def _seen(seen: set[bytes], key_hash: str) -> bool:
+def _seen(seen: set[bytes], key_hash: bytes) -> bool:
     try:
-        return bytes.fromhex(key_hash) in seen
-    except ValueError:
+        return unhexlify(key_hash) in seen
+    except ValueError:  # binascii.Error: not hex
         return False
 
 

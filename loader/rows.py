@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import unicodedata
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple, cast
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import NamedTuple
 
 from sidecar.records import KeyRecord
 
-_HASH = re.compile(r"[0-9a-f]{64}")
+_HEX = "0123456789abcdef"
 #: Longest account name put in a record; longer names are cut (Wacrm's own names are short).
 MAX_ACCOUNT_NAME = 200
 
@@ -41,11 +41,15 @@ _NOTHING: Verdict = (None, ())
 
 def is_valid_hash(key_hash: str) -> bool:
     """Tell whether *key_hash* is a lowercase hex SHA-256, the only form the gate looks up."""
-    return len(key_hash) == 64 and _HASH.fullmatch(key_hash) is not None
+    # strip() removes hex digits from both ends, so any other character is left over.
+    return len(key_hash) == 64 and not key_hash.strip(_HEX)
 
 
 def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
     """Decide what Redis must hold for *row* at *now_ms*, given the *known_scopes*.
+
+    *row* may be any sequence in `KeyRow`'s field order (a database driver's row); this runs
+    once per key in a full reconcile, so it avoids every avoidable allocation.
 
     Revoked and expired keys hold nothing.  A malformed hash or a missing account holds
     nothing and is a problem; unknown scopes and odd account names are dropped or cleaned,
@@ -67,23 +71,19 @@ def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
         return _NOTHING
     if problem is not None:
         return None, (f"{problem}, key skipped",)
-    if len(key_hash) != 64 or _HASH.fullmatch(key_hash) is None:
+    if len(key_hash) != 64 or key_hash.strip(_HEX):
         return None, ("malformed key_hash, key skipped",)
     if not account_exists:
         return None, (f"account {account_id} does not exist, key skipped",)
-    problems: list[str] = []
-    scopes = cast("tuple[str, ...]", tuple(raw_scopes))
-    if not known_scopes.issuperset(scopes) or len(set(scopes)) != len(scopes):
-        scopes = _clean_scopes(raw_scopes, known_scopes, problems)
+    scopes, problems = _scopes(tuple(raw_scopes), known_scopes)
     if name is not None and (len(name) > MAX_ACCOUNT_NAME or not name.isprintable()):
         cleaned = clean_text(name)[:MAX_ACCOUNT_NAME]
         if cleaned != name:
-            problems.append("account name has control characters or is too long; cleaned")
+            problems += ("account name has control characters or is too long; cleaned",)
             name = cleaned
     if not key_prefix.isprintable():
         key_prefix = clean_text(key_prefix)
-    record = KeyRecord(key_id, account_id, name, key_prefix, scopes, expires)
-    return record, tuple(problems)
+    return KeyRecord(key_id, account_id, name, key_prefix, scopes, expires), problems
 
 
 def clean_text(text: str) -> str:
@@ -93,10 +93,13 @@ def clean_text(text: str) -> str:
     return "".join(c for c in text if _printable(c))
 
 
-def _clean_scopes(
-    raw: Iterable[str | None], known: frozenset[str], problems: list[str]
-) -> tuple[str, ...]:
+@lru_cache(maxsize=4096)
+def _scopes(
+    raw: tuple[str | None, ...], known: frozenset[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Return the known scopes of *raw* without duplicates, and what was dropped and why."""
     out: list[str] = []
+    problems: list[str] = []
     for scope in raw:
         if scope is None:
             problems.append("NULL or unreadable scope dropped")
@@ -104,7 +107,7 @@ def _clean_scopes(
             problems.append(f"unknown scope {scope!r} dropped")
         elif scope not in out:
             out.append(scope)
-    return tuple(out)
+    return tuple(out), tuple(problems)
 
 
 def _printable(c: str) -> bool:

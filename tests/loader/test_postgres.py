@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from loader.postgres import PostgresSource, parse_payload
+from loader.rows import KeyRow
 from loader.source import Changes, NewKey, NotFound, SourceUnavailable
 from tests.loader.conftest import pg_account, pg_key
 
@@ -33,7 +34,7 @@ async def test_snapshot_reads_unrevoked_keys_in_batches(
     await pg.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", revoked_id)
     chunks = [chunk async for chunk in pg_source.snapshot(2)]
     assert [len(c) for c in chunks] == [2, 2, 1]
-    row = chunks[0][0]
+    row = KeyRow(*chunks[0][0])  # the driver's rows come in KeyRow's field order
     assert row.account_id == acct and row.account_name == "Acme" and row.account_exists
     assert list(row.scopes) == ["contacts:read"] and not row.revoked
     assert row.expires_at_ms == 4102444800123
