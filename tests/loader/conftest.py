@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,11 +37,9 @@ def with_database(dsn: str, database: str) -> str:
     return f"{base}/{database}" + (f"?{query}" if query else "")
 
 
-@pytest.fixture(scope="session")
-def pg_dsn() -> Iterator[str]:
-    """Create a database with Wacrm's schema and the shipped trigger for the session."""
-    import asyncio
-
+@contextlib.contextmanager
+def throwaway_database() -> Iterator[str]:
+    """Create a database with Wacrm's schema and the shipped trigger; drop it afterwards."""
     name = f"wacrm_test_{uuid.uuid4().hex[:10]}"
 
     async def create() -> None:
@@ -63,15 +63,30 @@ def pg_dsn() -> Iterator[str]:
             await conn.close()
 
     asyncio.run(create())
-    yield with_database(ADMIN_DSN, name)
-    asyncio.run(drop())
+    try:
+        yield with_database(ADMIN_DSN, name)
+    finally:
+        asyncio.run(drop())
+
+
+async def emptied(dsn: str) -> asyncpg.Connection:
+    """Return a connection to *dsn* after emptying Wacrm's tables."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("TRUNCATE accounts, api_keys CASCADE")
+    return conn
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """Return a database with Wacrm's schema and the shipped trigger, for the session."""
+    with throwaway_database() as dsn:
+        yield dsn
 
 
 @pytest.fixture
 async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """Return a connection to the session's database, emptied before the test."""
-    conn = await asyncpg.connect(pg_dsn)
-    await conn.execute("TRUNCATE accounts, api_keys CASCADE")
+    conn = await emptied(pg_dsn)
     yield conn
     await conn.close()
 
