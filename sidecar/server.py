@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing
 import os
@@ -24,8 +25,9 @@ log = logging.getLogger("sidecar")
 
 #: Seconds a stopping worker gets to finish the checks in flight.
 SHUTDOWN_TIMEOUT = 5.0
-#: A worker that dies sooner than this after starting is broken, not unlucky.
-MIN_UPTIME = 2.0
+#: More restarts than this within RESTART_PERIOD seconds means the workers cannot run.
+MAX_RESTARTS = 5
+RESTART_PERIOD = 10.0
 
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
@@ -61,32 +63,35 @@ def supervise(settings: Settings) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        for w, _started in workers:
+        for w in workers:
             if w.is_alive() and w.pid is not None:
                 os.kill(w.pid, signal.SIGTERM)
 
-    def start() -> tuple[BaseProcess, float]:
+    def start() -> BaseProcess:
         w = ctx.Process(target=_worker, args=(settings,), daemon=False)
         w.start()
-        return w, time.monotonic()
+        return w
 
     workers = [start() for _ in range(settings.workers)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     status = 0
+    restarts: collections.deque[float] = collections.deque(maxlen=MAX_RESTARTS)
     while not stopping:
         time.sleep(0.2)
-        for i, (w, started) in enumerate(workers):
+        for i, w in enumerate(workers):
             if w.is_alive() or stopping:
                 continue
-            if time.monotonic() - started < MIN_UPTIME:
-                log.error("worker %d failed at start-up (exit %s); stopping", w.pid, w.exitcode)
+            now = time.monotonic()
+            if len(restarts) == MAX_RESTARTS and now - restarts[0] < RESTART_PERIOD:
+                log.error("workers keep dying (last exit %s); stopping", w.exitcode)
                 status = 1
                 stop(signal.SIGTERM, None)
                 break
+            restarts.append(now)
             log.error("worker %d exited with %s; starting another", w.pid, w.exitcode)
             workers[i] = start()
-    for w, _started in workers:
+    for w in workers:
         w.join(SHUTDOWN_TIMEOUT + 2)
         if w.is_alive():
             w.kill()
