@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from loader.pipe import Batch, Pipe, PipeError
-from sidecar.records import DELETE_SCRIPT, PUT_SCRIPT, TOMBSTONE_TTL_MS, KeyRecord, Keyspace, encode
+from sidecar.records import (
+    DELETE_SCRIPT,
+    DRAIN_USED_SCRIPT,
+    PUT_SCRIPT,
+    TOMBSTONE_TTL_MS,
+    KeyRecord,
+    Keyspace,
+    encode,
+)
 
 #: What a Redis call of the loader can raise when the server is down, slow or confused.
 REDIS_ERRORS = (PipeError, OSError, asyncio.TimeoutError)
@@ -155,9 +163,31 @@ class Mirror:
             if cursor in (b"0", "0", 0):
                 return
 
-    async def mark_loaded(self, version: int) -> None:
-        """Record that a full reconcile at *version* completed."""
-        await self.pipe.call("SET", self.keyspace.loaded, version)
+    async def drain_used(self) -> dict[str, int]:
+        """Take the sidecars' last-use notes: key id -> last time used (ms)."""
+        flat = await self.pipe.call("EVAL", DRAIN_USED_SCRIPT, 1, self.keyspace.used)
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k)): int(float(v))
+            for k, v in zip(flat[::2], flat[1::2], strict=True)
+        }
+
+    async def restore_used(self, uses: Mapping[str, int]) -> None:
+        """Put back notes taken by `drain_used` that could not be stored (newer ones win)."""
+        if uses:
+            args = [x for key_id, ms in uses.items() for x in (ms, key_id)]
+            await self.pipe.call("ZADD", self.keyspace.used, "GT", *args)
+
+    async def begin_load(self) -> None:
+        """Make sure the mark exists while a full reconcile runs, so a wipe removes it."""
+        await self.pipe.call("SET", self.keyspace.loaded, 0, "NX")
+
+    async def mark_loaded(self, version: int) -> bool:
+        """Record that a full reconcile at *version* completed.
+
+        Return False when the mark vanished since `begin_load`: Redis lost its data while the
+        reconcile ran, and what it wrote before that is gone.
+        """
+        return await self.pipe.call("SET", self.keyspace.loaded, version, "XX") is not None
 
     async def is_loaded(self) -> bool:
         """Tell whether Redis still holds the mark of a full reconcile."""

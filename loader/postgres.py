@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import asyncpg
@@ -171,6 +171,22 @@ class PostgresSource:
         if key_hash is None:
             raise NotFound(f"no active key {key_id}")
         return str(key_hash)
+
+    async def touch(self, uses: Mapping[str, int]) -> int:
+        """Set ``last_used_at`` of each key id in *uses* to its time (ms) if that is later."""
+        ids = [i for i in uses if _is_uuid(i)]
+        if not ids:
+            return 0
+        with _unavailable("cannot write to PostgreSQL"):
+            status = await self.pool.execute(
+                "UPDATE api_keys k SET last_used_at = u.at FROM"
+                " (SELECT id, to_timestamp(ms / 1000.0)"
+                " AS at FROM unnest($1::uuid[], $2::int8[]) AS x(id, ms)) u"
+                " WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)",
+                ids,
+                [uses[i] for i in ids],
+            )
+        return int(status.split()[-1])
 
 
 class PostgresFeed:

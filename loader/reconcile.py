@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Problems logged one by one per reconcile; the rest are only counted.
 MAX_PROBLEMS_LOGGED = 20
+#: Full reconciles tried in a row while Redis keeps losing its data under them.
+MAX_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -39,6 +41,8 @@ class Report:
     skipped: int = 0
     problems: int = 0
     seconds: float = 0.0
+    #: False when Redis lost its data while the reconcile ran.
+    complete: bool = True
 
 
 class _Problems:
@@ -72,10 +76,27 @@ async def reconcile(
 
     *reads* and *writes* are two connections to the same Redis, so comparisons are not
     queued behind the writes in flight.  Records are never removed and re-added, so a
-    valid key is never missing, not even briefly.
+    valid key is never missing, not even briefly.  When Redis loses its data while this
+    runs (a restart or flush between its writes), it starts over.
     """
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        report = await _reconcile(source, reads, writes, known_scopes, batch_size)
+        if report.complete:
+            break
+        log.warning("Redis lost its data during the reconcile (attempt %d); starting over", attempt)
+    return report
+
+
+async def _reconcile(
+    source: Source,
+    reads: Mirror,
+    writes: Mirror,
+    known_scopes: frozenset[str],
+    batch_size: int,
+) -> Report:
     started = time.monotonic()
     report = Report(version=await reads.version())
+    await writes.begin_load()
     version = report.version
     seen: set[bytes] = set()
     problems = _Problems()
@@ -108,7 +129,7 @@ async def reconcile(
         await writes.delete(gone, version=version, batch=deletes)
     await writes.wait(puts)
     await writes.wait(deletes)
-    await writes.mark_loaded(version)
+    report.complete = await writes.mark_loaded(version)
     problems.summarise()
     report.written, report.kept_out = puts.applied, puts.kept_out + deletes.kept_out
     report.deleted = deletes.applied

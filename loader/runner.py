@@ -84,6 +84,7 @@ async def _session(settings: Settings, scopes: frozenset[str], backoff: _Backoff
             _reconcile_loop(settings, scopes, source, reads, writes, state, backoff),
             _change_loop(scopes, feed, source, incremental, state),
             _watch_loop(settings, incremental, state),
+            _usage_loop(settings, source, incremental),
         )
 
 
@@ -134,6 +135,21 @@ async def _watch_loop(settings: Settings, mirror: Mirror, state: _State) -> None
         if not await mirror.is_loaded():
             log.warning("Redis lost the loaded keys; reloading them")
             state.due.set()
+
+
+async def _usage_loop(settings: Settings, source: Source, mirror: Mirror) -> None:
+    """Copy the sidecars' last-use notes into ``last_used_at``, as Wacrm keeps it."""
+    while True:
+        await asyncio.sleep(settings.last_used_flush)
+        uses = await mirror.drain_used()
+        if not uses:
+            continue
+        try:
+            updated = await source.touch(uses)
+        except SourceUnavailable:
+            await mirror.restore_used(uses)
+            raise
+        log.debug("last_used_at updated for %d of %d keys", updated, len(uses))
 
 
 async def _first_failure(*coros: Coroutine[Any, Any, None]) -> None:

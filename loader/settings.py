@@ -65,6 +65,13 @@ OPTIONS = (
         "seconds between checks for SQLite changes and for a Redis that lost its data",
     ),
     Option(
+        "last_used_flush",
+        "WACRM_LAST_USED_FLUSH",
+        options.positive_float,
+        10.0,
+        "seconds between copies of the sidecars' last-use notes into api_keys.last_used_at",
+    ),
+    Option(
         "batch_size",
         "WACRM_BATCH_SIZE",
         options.positive_int,
@@ -105,6 +112,7 @@ class Settings:
     routes: Path | None = None
     reconcile_interval: float = 300.0
     poll_interval: float = 0.2
+    last_used_flush: float = 10.0
     batch_size: int = 5000
     retry_max: float = 5.0
     timeout: float = 5.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -106,6 +106,10 @@ class Source(Protocol):
 
     async def revoke_key(self, key_id: str) -> str:
         """Set ``revoked_at`` of the active key *key_id*; return its hash or raise NotFound."""
+        ...
+
+    async def touch(self, uses: Mapping[str, int]) -> int:
+        """Set ``last_used_at`` of each key id in *uses* to its time (ms) if that is later."""
         ...
 
     async def close(self) -> None:

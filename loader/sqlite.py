@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -225,6 +225,26 @@ class SqliteSource:
         if row is None:
             raise NotFound(f"no active key {key_id}")
         return str(row[0])
+
+    async def touch(self, uses: Mapping[str, int]) -> int:
+        """Set ``last_used_at`` of each key id in *uses* to its time (ms) if that is later."""
+        params = [
+            (at, key_id, at)
+            for key_id, ms in uses.items()
+            for at in (format_time(datetime.fromtimestamp(ms / 1000, UTC)),)
+        ]
+
+        def update() -> int:
+            cursor = self.db.execute("BEGIN")
+            cursor.executemany(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                params,
+            )
+            self.db.execute("COMMIT")
+            return cursor.rowcount
+
+        return await self.db.run(update) if params else 0
 
 
 class SqliteFeed:

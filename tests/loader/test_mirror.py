@@ -69,8 +69,13 @@ async def test_scan_and_loaded_mark(mirror: Mirror) -> None:
     await mirror.wait(batch)
     found = [h.decode() async for page in mirror.scan_hashes(count=1) for h in page]
     assert sorted(set(found)) == [H1, H2]
-    await mirror.mark_loaded(5)
+    assert not await mirror.mark_loaded(5)  # no reconcile began: nothing to confirm
+    assert not await mirror.is_loaded()
+    await mirror.begin_load()
     assert await mirror.is_loaded()
+    assert await mirror.mark_loaded(5)
+    await mirror.begin_load()  # a later reconcile keeps the mark as it is
+    assert await mirror.pipe.call("GET", KS.loaded) == b"5"
 
 
 def test_same_record_ignores_the_version() -> None:

@@ -305,3 +305,47 @@ async def test_versions_of_a_reconcile_are_taken_before_it_reads(
     raw = await redis.get(KS.record("a" * 64))
     assert raw is not None
     assert seconds * 1000 + micros // 1000 <= version_of(raw) == report.version
+
+
+class PausingSource:
+    """A source that stops after its first chunk until the test lets it go on."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.go_on = asyncio.Event()
+
+    async def snapshot(self, batch: int) -> AsyncIterator[list[KeyRow]]:
+        first = True
+        async for rows in self.inner.snapshot(batch):
+            if not first:
+                await self.go_on.wait()
+            first = False
+            yield rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_redis_wiped_during_a_reconcile_is_loaded_again(
+    pg: asyncpg.Connection, pg_source: PostgresSource, mirror: Mirror, mirror2: Mirror, redis: Redis
+) -> None:
+    """Records written before a flush are gone; the reconcile notices and starts over."""
+    acct = await pg_account(pg)
+    keys = [await pg_key(pg, acct) for _ in range(4)]
+    paused = PausingSource(pg_source)
+    task = asyncio.create_task(full(paused, mirror, mirror2, batch_size=2))
+    try:
+        for _ in range(1000):
+            if await redis.exists(*[KS.record(h) for _, _, h in keys]) == 2:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("the first chunk was never written")
+        await redis.flushall()
+    finally:
+        paused.go_on.set()
+    report = await asyncio.wait_for(task, 10)
+    assert report.complete
+    for _, _, key_hash in keys:
+        assert await redis.exists(KS.record(key_hash)) == 1
+    assert await redis.get(KS.loaded) == str(report.version).encode()

@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 
 from loader import runner
 from loader.settings import Settings
-from loader.source import SourceUnavailable
+from loader.source import NewKey, SourceUnavailable
+from loader.sqlite import SqliteSource
 from sidecar.records import Keyspace, decode
 from tests.conftest import RedisServer
 from tests.loader.conftest import pg_account, pg_key, settings_for
@@ -45,6 +46,11 @@ async def running(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
+async def reconciled(redis: Redis) -> bool:
+    """Tell whether a full reconcile completed (the mark holds its version, not 0)."""
+    return await redis.get(KS.loaded) not in (None, b"0")
+
+
 async def present(redis: Redis, key_hash: str) -> bool:
     return bool(await redis.exists(KS.record(key_hash)))
 
@@ -55,7 +61,7 @@ async def test_run_follows_postgresql_within_a_second(
     acct = await pg_account(pg)
     _, _, initial = await pg_key(pg, acct)
     async with running(settings_for(pg_dsn, redis_server)):
-        await eventually(lambda: redis.exists(KS.loaded), 5)
+        await eventually(lambda: reconciled(redis), 5)
         assert await present(redis, initial)
 
         key_id, _, key_hash = await pg_key(pg, acct, ["messages:send"])
@@ -120,7 +126,7 @@ async def test_run_follows_sqlite_within_a_second(
 ) -> None:
     path = tmp_path / "keys.db"
     async with running(settings_for(f"sqlite:///{path}", redis_server)):
-        await eventually(lambda: redis.exists(KS.loaded), 5)
+        await eventually(lambda: reconciled(redis), 5)
         with sqlite3.connect(path) as db:
             db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
             db.execute(
@@ -136,3 +142,39 @@ async def test_run_follows_sqlite_within_a_second(
 
 async def _absent(redis: Redis, key_hash: str) -> bool:
     return not await present(redis, key_hash)
+
+
+async def test_run_copies_last_use_notes_into_last_used_at(
+    pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
+) -> None:
+    acct = await pg_account(pg)
+    key_id, _, _ = await pg_key(pg, acct)
+    seconds, _ = await redis.time()
+    used_ms = (seconds - 5) * 1000 + 250
+    await redis.zadd(KS.used, {key_id: used_ms, "not-a-uuid": used_ms})
+    async with running(settings_for(pg_dsn, redis_server, last_used_flush=0.05)):
+
+        async def noted() -> bool:
+            at = await pg.fetchval("SELECT last_used_at FROM api_keys WHERE id = $1", key_id)
+            return at is not None and int(at.timestamp() * 1000) == used_ms
+
+        await eventually(noted, 3)
+        assert await redis.exists(KS.used) == 0
+        # An older note never moves last_used_at back.
+        await redis.zadd(KS.used, {key_id: used_ms - 1000})
+        await eventually(lambda: _absent_key(redis, KS.used), 3)
+        assert await noted()
+
+
+async def test_sqlite_touch_keeps_the_latest_use(sqlite_source: SqliteSource) -> None:
+    await sqlite_source.create_account("acct", "Acme")
+    await sqlite_source.create_key(NewKey("k1", "acct", "n", "p", "a" * 64, (), None))
+    assert await sqlite_source.touch({"k1": 1_700_000_000_500, "nope": 1}) == 1
+    assert await sqlite_source.touch({"k1": 1_600_000_000_000}) == 0
+    [listed] = await sqlite_source.list_keys("acct")
+    assert listed.last_used_at is not None
+    assert int(listed.last_used_at.timestamp() * 1000) == 1_700_000_000_500
+
+
+async def _absent_key(redis: Redis, name: str) -> bool:
+    return not await redis.exists(name)
