@@ -47,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = [x for opt in OPTIONS if opt.name in args for x in (opt.flag, getattr(args, opt.name))]
     try:
         settings = Settings.from_env(os.environ, flags)
-        if args.command in ("sync", "run") or args.command in ("accounts", "keys"):
-            settings.require_source()
+        settings.require_source()
         runner.known_scopes(settings)
     except (SettingError, PolicyError) as e:
         print(f"wacrm-loader: {e}", file=sys.stderr)

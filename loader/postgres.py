@@ -202,7 +202,8 @@ class PostgresFeed:
         """Queue the rows a notification names."""
         changes = parse_payload(payload)
         if changes is None:
-            log.warning("ignoring notification %.80r on %s", payload, channel)
+            # Never log the payload itself: it may carry a key's hash.
+            log.warning("ignoring a notification on %s that names no row", channel)
         else:
             self._queue.put_nowait(changes)
 
