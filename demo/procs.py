@@ -62,7 +62,11 @@ class Process:
     def start(self, *, timeout: float = 15.0) -> None:
         """Start the process and wait until it listens on its port."""
         self.start_background()
-        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        try:
+            wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def start_background(self) -> None:
         """Start the process without waiting for it."""
