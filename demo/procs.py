@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -83,18 +84,26 @@ class Process:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
+        # The process leads its own session: signal the group, so its children stop too.
         if proc.poll() is None:
-            proc.send_signal(sig)
+            _signal_group(proc, sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+        else:
+            _signal_group(proc, signal.SIGKILL)  # orphans of a process that died
         return proc.returncode
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def redis_server(workdir: Path, port: int | None = None) -> Process:
