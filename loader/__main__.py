@@ -14,6 +14,7 @@ from typing import Any, TextIO, TypeVar
 import orjson
 
 from loader import admin, runner
+from loader.limits import LimitsError
 from loader.mirror import REDIS_ERRORS
 from loader.rules import RuleError
 from loader.settings import OPTIONS, Settings
@@ -48,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ, flags)
         settings.require_source()
-        runner.known_scopes(settings)
-    except (SettingError, PolicyError) as e:
+        runner.key_rules(settings)
+    except (SettingError, PolicyError, LimitsError) as e:
         print(f"wacrm-loader: {e}", file=sys.stderr)
         return USAGE
     log_config(settings.log_level)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from loader import rules
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import refresh
-from loader.runner import known_scopes
+from loader.runner import key_rules
 from loader.settings import Settings
 from loader.source import Changes, KeyListing, NewKey, Source, open_source
 from sidecar.apikeys import mint
@@ -56,7 +56,7 @@ async def create_key(
 ) -> Created:
     """Mint a key by Wacrm's rules, store its hash and put its record in Redis right away."""
     clean_name = rules.key_name(name)
-    clean_scopes = rules.scopes(scopes, known_scopes(settings))
+    clean_scopes = rules.scopes(scopes, key_rules(settings).scopes)
     days = rules.lifetime_days(expires_in_days)
     minted = mint()
     key = NewKey(
@@ -116,7 +116,7 @@ async def _refresh(settings: Settings, source: Source, key_hash: str, key_id: st
             source,
             mirror,
             Changes(key_hashes={key_hash}, key_ids={key_id}),
-            known_scopes=known_scopes(settings),
+            rules=key_rules(settings),
         )
     except REDIS_ERRORS as e:
         log.warning("Redis not updated, the loader will catch up: %s", e)

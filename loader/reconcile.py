@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from loader.mirror import Mirror, unversioned
 from loader.pipe import Batch
-from loader.rows import KeyRow, is_valid_hash, judge
+from loader.rows import KeyRow, KeyRules, is_valid_hash, judge
 from loader.source import Changes, Source
 from sidecar.records import KeyRecord
 
@@ -70,7 +70,7 @@ async def reconcile(
     reads: Mirror,
     writes: Mirror,
     *,
-    known_scopes: frozenset[str],
+    rules: KeyRules,
     batch_size: int,
 ) -> Report:
     """Make Redis hold exactly the active keys of *source*, writing only the differences.
@@ -82,7 +82,7 @@ async def reconcile(
     """
     for attempt in range(1, MAX_ATTEMPTS + 1):
         with _no_cyclic_gc():
-            report = await _reconcile(source, reads, writes, known_scopes, batch_size)
+            report = await _reconcile(source, reads, writes, rules, batch_size)
         if report.complete:
             break
         log.warning("Redis lost its data during the reconcile (attempt %d); starting over", attempt)
@@ -108,7 +108,7 @@ async def _reconcile(
     source: Source,
     reads: Mirror,
     writes: Mirror,
-    known_scopes: frozenset[str],
+    rules: KeyRules,
     batch_size: int,
 ) -> Report:
     started = time.monotonic()
@@ -123,7 +123,7 @@ async def _reconcile(
         hashes: list[str] = []
         records: list[KeyRecord] = []
         for row in rows:
-            record, trouble = judge(row, known_scopes, version)
+            record, trouble = judge(row, rules, version)
             if trouble:
                 problems.note(row[0], trouble)
             if record is None:
@@ -166,9 +166,7 @@ async def _reconcile(
     return report
 
 
-async def refresh(
-    source: Source, mirror: Mirror, changes: Changes, *, known_scopes: frozenset[str]
-) -> Report:
+async def refresh(source: Source, mirror: Mirror, changes: Changes, *, rules: KeyRules) -> Report:
     """Re-read the rows named by *changes* and make Redis agree with them now."""
     started = time.monotonic()
     version = await mirror.version()
@@ -177,7 +175,7 @@ async def refresh(
     gone = {h for h in changes.key_hashes if is_valid_hash(h)}
     problems = _Problems()
     for row in rows:
-        record, trouble = judge(row, known_scopes, version)
+        record, trouble = judge(row, rules, version)
         problems.note(row.key_id, trouble)
         if record is not None:
             puts[row.key_hash] = record

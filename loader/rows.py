@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+from loader.limits import NO_LIMITS, Limits
 from sidecar.records import KeyRecord
 
 _HEX = "0123456789abcdef"
@@ -45,8 +47,16 @@ def is_valid_hash(key_hash: str) -> bool:
     return len(key_hash) == 64 and not key_hash.strip(_HEX)
 
 
-def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
-    """Decide what Redis must hold for *row* at *now_ms*, given the *known_scopes*.
+@dataclass(frozen=True, slots=True)
+class KeyRules:
+    """What the deployment allows keys: the known *scopes*, and rate *limits* by key."""
+
+    scopes: frozenset[str]
+    limits: Limits = NO_LIMITS
+
+
+def judge(row: KeyRow, rules: KeyRules, now_ms: int) -> Verdict:
+    """Decide what Redis must hold for *row* at *now_ms*, under *rules*.
 
     *row* may be any sequence in `KeyRow`'s field order (a database driver's row); this runs
     once per key in a full reconcile, so it avoids every avoidable allocation.
@@ -75,7 +85,7 @@ def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
         return None, ("malformed key_hash, key skipped",)
     if not account_exists:
         return None, (f"account {account_id} does not exist, key skipped",)
-    scopes, problems = _scopes(tuple(raw_scopes), known_scopes)
+    scopes, problems = _scopes(tuple(raw_scopes), rules.scopes)
     if name is not None and (len(name) > MAX_ACCOUNT_NAME or not name.isprintable()):
         cleaned = clean_text(name)[:MAX_ACCOUNT_NAME]
         if cleaned != name:
@@ -83,7 +93,8 @@ def judge(row: KeyRow, known_scopes: frozenset[str], now_ms: int) -> Verdict:
             name = cleaned
     if not key_prefix.isprintable():
         key_prefix = clean_text(key_prefix)
-    return KeyRecord(key_id, account_id, name, key_prefix, scopes, expires), problems
+    limit = rules.limits.of(account_id, key_id)
+    return KeyRecord(key_id, account_id, name, key_prefix, scopes, expires, limit), problems
 
 
 def clean_text(text: str) -> str:

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from loader.limits import load_limits
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import Report, reconcile, refresh
+from loader.rows import KeyRules
 from loader.settings import Settings
 from loader.source import ChangeFeed, Source, SourceUnavailable, open_source
 from sidecar.records import Keyspace
@@ -25,27 +27,26 @@ RETRIED = (SourceUnavailable, *REDIS_ERRORS)
 FIRST_RETRY = 0.2
 
 
-def known_scopes(settings: Settings) -> frozenset[str]:
-    """Return the scopes of the route policy the sidecar uses (WACRM_ROUTES)."""
-    return load_policy(settings.routes).scopes
+def key_rules(settings: Settings) -> KeyRules:
+    """Return the scopes of the route policy the sidecar uses (WACRM_ROUTES) and the
+    per-account and per-key rate limits (WACRM_RATE_LIMITS)."""
+    return KeyRules(load_policy(settings.routes).scopes, load_limits(settings.rate_limits))
 
 
 async def sync(settings: Settings) -> Report:
     """Run one full reconcile; raise SourceUnavailable or a Redis error when one is down."""
-    scopes = known_scopes(settings)
+    rules = key_rules(settings)
     async with _connected(settings) as (source, reads, writes):
-        return await reconcile(
-            source, reads, writes, known_scopes=scopes, batch_size=settings.batch_size
-        )
+        return await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
 
 
 async def run(settings: Settings) -> None:
     """Keep Redis equal to the key table until cancelled, reconnecting when either goes away."""
-    scopes = known_scopes(settings)
+    rules = key_rules(settings)
     backoff = _Backoff(settings.retry_max)
     while True:
         try:
-            await _session(settings, scopes, backoff)
+            await _session(settings, rules, backoff)
         except RETRIED as e:
             delay = backoff.next()
             log.warning("%s; retrying in %.1f s", e, delay)
@@ -72,7 +73,7 @@ class _State:
     last: float = 0.0
 
 
-async def _session(settings: Settings, scopes: frozenset[str], backoff: _Backoff) -> None:
+async def _session(settings: Settings, rules: KeyRules, backoff: _Backoff) -> None:
     async with (
         _connected(settings) as (source, reads, writes),
         source.feed(settings.poll_interval) as feed,
@@ -81,8 +82,8 @@ async def _session(settings: Settings, scopes: frozenset[str], backoff: _Backoff
         state = _State(asyncio.Event())
         state.due.set()
         await _first_failure(
-            _reconcile_loop(settings, scopes, source, reads, writes, state, backoff),
-            _change_loop(scopes, feed, source, incremental, state),
+            _reconcile_loop(settings, rules, source, reads, writes, state, backoff),
+            _change_loop(rules, feed, source, incremental, state),
             _watch_loop(settings, incremental, state),
             _usage_loop(settings, source, incremental),
         )
@@ -90,7 +91,7 @@ async def _session(settings: Settings, scopes: frozenset[str], backoff: _Backoff
 
 async def _reconcile_loop(
     settings: Settings,
-    scopes: frozenset[str],
+    rules: KeyRules,
     source: Source,
     reads: Mirror,
     writes: Mirror,
@@ -102,14 +103,14 @@ async def _reconcile_loop(
             await asyncio.wait_for(state.due.wait(), settings.reconcile_interval)
         state.due.clear()
         state.reconciling = True
-        await reconcile(source, reads, writes, known_scopes=scopes, batch_size=settings.batch_size)
+        await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
         state.reconciling = False
         state.last = time.monotonic()
         backoff.reset()
 
 
 async def _change_loop(
-    scopes: frozenset[str], feed: ChangeFeed, source: Source, mirror: Mirror, state: _State
+    rules: KeyRules, feed: ChangeFeed, source: Source, mirror: Mirror, state: _State
 ) -> None:
     while True:
         changes = await feed.next(1.0)
@@ -117,7 +118,7 @@ async def _change_loop(
             log.warning("changes may have been missed; reconciling in full")
             state.due.set()
         if changes.key_hashes or changes.key_ids or changes.account_ids:
-            report = await refresh(source, mirror, changes, known_scopes=scopes)
+            report = await refresh(source, mirror, changes, rules=rules)
             log.info(
                 "applied changes: %d keys written, %d removed, %d kept out by newer changes",
                 report.written,

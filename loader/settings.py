@@ -51,6 +51,14 @@ OPTIONS = (
         "route policy file whose scopes are the known scopes; unset = Wacrm's own table",
     ),
     Option(
+        "rate_limits",
+        "WACRM_RATE_LIMITS",
+        Path,
+        None,
+        "file of per-account and per-key rate limits (account|key ID LIMIT/WINDOW|off); "
+        "unset = every key gets the sidecar's WACRM_RATE_LIMIT",
+    ),
+    Option(
         "reconcile_interval",
         "WACRM_RECONCILE_INTERVAL",
         options.positive_float,
@@ -110,6 +118,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = DEFAULT_PREFIX
     routes: Path | None = None
+    rate_limits: Path | None = None
     reconcile_interval: float = 300.0
     poll_interval: float = 0.2
     last_used_flush: float = 10.0

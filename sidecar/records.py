@@ -59,10 +59,13 @@ class RateLimit:
         return cls(limit, window)
 
     def __str__(self) -> str:
-        return f"{self.limit}/{self.window_ms // 1000}s"
+        return "off" if self.limit == 0 else f"{self.limit}/{self.window_ms // 1000}s"
 
 
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+
+#: A key's own limit that lifts every limit from it.
+UNLIMITED = RateLimit(0, 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ gate itself: a request with the key, answered by nginx.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -245,3 +246,34 @@ async def test_a_loader_killed_mid_sync_converges_when_restarted(
     assert status(gate, plain[2]) == 200
     assert status(gate, plain[1]) == 401
     assert status(gate, plain[count]) == 401
+
+
+def sync_with_limits(loader: Loader, limits: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loader", "sync"],
+        env={**loader.env, "WACRM_RATE_LIMITS": str(limits)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_keys_own_rate_limit_from_the_limits_file_is_enforced(
+    gate: Gate,
+    loader: Loader,
+    pg: asyncpg.Connection,
+    workdir: Path,
+) -> None:
+    acct = await pg_account(pg)
+    key_id, key, _ = await pg_key(pg, acct, ["contacts:read"])
+    _, other, _ = await pg_key(pg, acct, ["contacts:read"])
+    limits = workdir / "limits"
+    limits.write_text(f"key {key_id} 3/1h\n")
+    synced = await asyncio.to_thread(sync_with_limits, loader, limits)
+    assert synced.returncode == 0, synced.stderr
+    assert [status(gate, key) for _ in range(4)] == [200, 200, 200, 429]
+    assert gate.get("/api/v1/contacts", key=other).header("X-RateLimit-Limit") == "120"
+    bad = await asyncio.to_thread(sync_with_limits, loader, workdir / "missing")
+    assert bad.returncode == 2
+    assert "cannot read rate-limits file" in bad.stderr

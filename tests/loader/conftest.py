@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from loader.mirror import Mirror
 from loader.postgres import PostgresSource
+from loader.rows import KeyRules
 from loader.settings import Settings
 from loader.sqlite import SqliteSource
 from sidecar.apikeys import mint
@@ -27,7 +28,7 @@ ROOT = HERE.parent.parent
 WACRM_SCHEMA = HERE / "wacrm_schema.sql"
 NOTIFY_SQL = ROOT / "loader" / "wacrm-notify.sql"
 ADMIN_DSN = os.environ.get("WACRM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-KNOWN = load_policy().scopes
+KNOWN = KeyRules(load_policy().scopes)
 
 
 def with_database(dsn: str, database: str) -> str:

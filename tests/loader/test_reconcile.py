@@ -51,7 +51,7 @@ class SlowSource:
 
 
 async def full(source: Any, mirror: Mirror, mirror2: Mirror, batch_size: int = 1000) -> Any:
-    return await reconcile(source, mirror, mirror2, known_scopes=KNOWN, batch_size=batch_size)
+    return await reconcile(source, mirror, mirror2, rules=KNOWN, batch_size=batch_size)
 
 
 async def test_reconcile_loads_active_keys_only(
@@ -175,7 +175,7 @@ async def test_no_resurrection_with_a_plain_sql_revocation_and_the_incremental_p
     await pg.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
     incremental = await Mirror.open(redis_server.url, KS, connect_timeout=2)
     try:
-        done = await refresh(pg_source, incremental, Changes(key_ids={key_id}), known_scopes=KNOWN)
+        done = await refresh(pg_source, incremental, Changes(key_ids={key_id}), rules=KNOWN)
     finally:
         await incremental.close()
     assert done.deleted == 1
@@ -191,10 +191,10 @@ async def test_refreshes_out_of_order_keep_the_newest(
     acct = await pg_account(pg)
     key_id, _, key_hash = await pg_key(pg, acct)
     slow = SlowSource(pg_source)
-    old = asyncio.create_task(refresh(slow, mirror, Changes(key_ids={key_id}), known_scopes=KNOWN))
+    old = asyncio.create_task(refresh(slow, mirror, Changes(key_ids={key_id}), rules=KNOWN))
     await asyncio.wait_for(slow.has_read.wait(), 10)
     await pg.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
-    await refresh(pg_source, mirror2, Changes(key_ids={key_id}), known_scopes=KNOWN)
+    await refresh(pg_source, mirror2, Changes(key_ids={key_id}), rules=KNOWN)
     slow.go_on.set()
     report = await asyncio.wait_for(old, 10)
     assert report.kept_out == 1
@@ -234,7 +234,7 @@ async def test_refresh_follows_hash_changes_and_deleted_rows(
 ) -> None:
     acct = await pg_account(pg)
     key_id, _, old_hash = await pg_key(pg, acct)
-    await refresh(pg_source, mirror, Changes(key_ids={key_id}), known_scopes=KNOWN)
+    await refresh(pg_source, mirror, Changes(key_ids={key_id}), rules=KNOWN)
     assert await redis.exists(KS.record(old_hash)) == 1
     new_hash = "e" * 64
     await pg.execute("UPDATE api_keys SET key_hash = $1 WHERE id = $2", new_hash, key_id)
@@ -242,13 +242,13 @@ async def test_refresh_follows_hash_changes_and_deleted_rows(
         pg_source,
         mirror,
         Changes(key_ids={key_id}, key_hashes={old_hash, new_hash}),
-        known_scopes=KNOWN,
+        rules=KNOWN,
     )
     assert await redis.exists(KS.record(old_hash)) == 0
     assert await redis.exists(KS.record(new_hash)) == 1
     await pg.execute("DELETE FROM accounts WHERE id = $1", acct)
     report = await refresh(
-        pg_source, mirror, Changes(key_ids={key_id}, key_hashes={new_hash}), known_scopes=KNOWN
+        pg_source, mirror, Changes(key_ids={key_id}, key_hashes={new_hash}), rules=KNOWN
     )
     assert report.deleted == 1 and await redis.exists(KS.record(new_hash)) == 0
 

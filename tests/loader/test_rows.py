@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from loader.rows import MAX_ACCOUNT_NAME, KeyRow, clean_text, is_valid_hash, judge
-from sidecar.records import KeyRecord
+from loader.limits import Limits
+from loader.rows import MAX_ACCOUNT_NAME, KeyRow, KeyRules, clean_text, is_valid_hash, judge
+from sidecar.records import KeyRecord, RateLimit
 
-KNOWN = frozenset({"messages:send", "contacts:read"})
+KNOWN = KeyRules(frozenset({"messages:send", "contacts:read"}))
 HASH = "a" * 64
 
 
@@ -89,3 +90,14 @@ def test_is_valid_hash_and_clean_text() -> None:
     assert not is_valid_hash("0123456789ABCDEF" * 4)
     assert clean_text("plain text") == "plain text"
     assert clean_text("tab\there") == "tabhere"
+
+
+def test_rate_limit_overrides_go_into_the_record_key_before_account() -> None:
+    limits = Limits(keys={"k1": RateLimit(5, 1000)}, accounts={"a1": RateLimit(600, 60_000)})
+    rules = KeyRules(KNOWN.scopes, limits)
+    record, _ = judge(row(), rules, 0)
+    assert record is not None and record.rate_limit == RateLimit(5, 1000)
+    record, _ = judge(row(key_id="k2"), rules, 0)
+    assert record is not None and record.rate_limit == RateLimit(600, 60_000)
+    record, _ = judge(row(key_id="k2", account_id="a2"), rules, 0)
+    assert record is not None and record.rate_limit is None
