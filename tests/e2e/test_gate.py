@@ -267,3 +267,11 @@ def test_sidecar_down_is_503_json(gate: Gate) -> None:
     finally:
         gate.sidecar.start()
     assert gate.get("/api/v1/contacts", key=key).status == 200
+
+
+def test_absolute_form_request_target_is_checked_by_its_path(gate: Gate) -> None:
+    key = gate.put_key(["contacts:read"])
+    assert gate.get("http://localhost/api/v1/contacts", key=key).status == 200
+    resp = gate.get("http://localhost/api/v1/me/../webhooks", key=key)
+    assert resp.status == 403
+    assert "webhooks:manage" in resp.body.decode()
