@@ -15,6 +15,7 @@ import orjson
 
 from loader import admin, runner
 from loader.limits import LimitsError
+from loader.metrics import MetricsUnavailable
 from loader.mirror import REDIS_ERRORS
 from loader.rules import RuleError
 from loader.settings import OPTIONS, Settings
@@ -29,6 +30,8 @@ T = TypeVar("T")
 
 #: Exit statuses: done; failed; bad usage or settings; done in the table but not in Redis.
 OK, FAILED, USAGE, REDIS_BEHIND = 0, 1, 2, 3
+#: Seconds a stopped command may take to abandon its work and close its connections.
+STOP_GRACE = 4.0
 
 _LIST_COLUMNS = (
     "id",
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuleError, NotFound) as e:
         print(f"wacrm-loader: {e}", file=sys.stderr)
         return FAILED if isinstance(e, NotFound) else USAGE
-    except (SourceUnavailable, *REDIS_ERRORS) as e:
+    except (SourceUnavailable, MetricsUnavailable, *REDIS_ERRORS) as e:
         print(f"wacrm-loader: {e}", file=sys.stderr)
         return FAILED
     return status
@@ -114,29 +117,56 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, T], *, forever: bool = False) -> T:
-    """Run *coro* on uvloop when available; SIGTERM ends it like SIGINT."""
+    """Run *coro* on uvloop when available, until done or stopped by SIGTERM or SIGINT.
+
+    A signal cancels *coro*: its current batch is abandoned (every write to Redis carries
+    a version, so a partial batch is harmless) and its connections closed, within
+    STOP_GRACE seconds, or the process exits regardless.  A stopped `run` (*forever*)
+    exits 0; any other command exits 128 + the signal's number.
+    """
     try:
         import uvloop
 
         runner_cls: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         runner_cls = asyncio.run
+    stopped_by: list[int] = []
+
+    def status() -> int:
+        return OK if forever else 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
 
     async def main() -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+        def stop(signum: int) -> None:
+            if stopped_by:  # a second signal: no more waiting
+                _exit_now(status(), "stopped again")
+            stopped_by.append(signum)
+            log.info("stopping on %s", signal.Signals(signum).name)
+            task.cancel()
+            loop.call_later(STOP_GRACE, _exit_now, status(), f"not stopped in {STOP_GRACE} s")
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop, signum)
         return await coro
 
     try:
         result: T = runner_cls(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not forever:
-            raise SystemExit(130) from None
+            raise SystemExit(status()) from None
         log.info("loader stopped")
         return None  # type: ignore[return-value]  # only `run`, which returns nothing
     return result
+
+
+def _exit_now(status: int, why: str) -> None:
+    """Leave at once with *status*, connections and all: the last resort of a stop."""
+    log.warning("%s; exiting without closing the connections", why)
+    logging.shutdown()
+    os._exit(status)
 
 
 def _print_keys(keys: list[KeyListing], *, as_json: bool, out: TextIO) -> None:

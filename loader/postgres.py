@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -39,13 +40,18 @@ FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
 
 
 def parse_payload(payload: str) -> Changes | None:
-    """Return the rows a notification names, or None when *payload* is not one of ours."""
+    """Return the rows a notification names, or None when *payload* is not one of ours.
+
+    A last field ``@<unix seconds>`` is when the change was made (triggers installed before
+    it was added send none).
+    """
     fields = payload.split()
+    changed_at = _stamp(fields.pop()) if len(fields) > 2 and fields[-1][:1] == "@" else None
     if len(fields) in (3, 4) and fields[0] == "k" and _is_uuid(fields[1]):
         hashes = {h for h in fields[2:] if is_valid_hash(h)}
-        return Changes(key_hashes=hashes, key_ids={fields[1]})
+        return Changes(key_hashes=hashes, key_ids={fields[1]}, changed_at=changed_at)
     if len(fields) == 2 and fields[0] == "a" and _is_uuid(fields[1]):
-        return Changes(account_ids={fields[1]})
+        return Changes(account_ids={fields[1]}, changed_at=changed_at)
     return None
 
 
@@ -235,6 +241,14 @@ class PostgresFeed:
 
 def _row(r: Any) -> KeyRow:
     return KeyRow(*r)
+
+
+def _stamp(field: str) -> float | None:
+    try:
+        value = float(field[1:])
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _is_uuid(text: str) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loader.limits import load_limits
+from loader.metrics import LoaderMetrics, serving
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import Report, reconcile, refresh
 from loader.rows import KeyRules
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 RETRIED = (SourceUnavailable, *REDIS_ERRORS)
 #: First pause before retrying; it doubles up to the retry_max setting.
 FIRST_RETRY = 0.2
+#: Longest wait, in seconds, for a connection to close (a stop must not hang on one).
+CLOSE_TIMEOUT = 2.0
 
 
 def key_rules(settings: Settings) -> KeyRules:
@@ -40,14 +43,30 @@ async def sync(settings: Settings) -> Report:
         return await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
 
 
-async def run(settings: Settings) -> None:
-    """Keep Redis equal to the key table until cancelled, reconnecting when either goes away."""
+async def run(settings: Settings, metrics: LoaderMetrics | None = None) -> None:
+    """Keep Redis equal to the key table until cancelled, reconnecting when either goes away.
+
+    Record what it does in *metrics*, served over HTTP when the metrics_port setting is set.
+    """
+    metrics = metrics or LoaderMetrics()
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.metrics_port is not None:
+            await stack.enter_async_context(
+                serving(metrics, settings.metrics_host, settings.metrics_port)
+            )
+        await _follow(settings, metrics)
+
+
+async def _follow(settings: Settings, metrics: LoaderMetrics) -> None:
     rules = key_rules(settings)
     backoff = _Backoff(settings.retry_max)
+    failed = False
     while True:
         try:
-            await _session(settings, rules, backoff)
+            await _session(settings, rules, backoff, metrics, reconnecting=failed)
         except RETRIED as e:
+            failed = True
+            metrics.failed("source" if isinstance(e, SourceUnavailable) else "redis")
             delay = backoff.next()
             log.warning("%s; retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
@@ -73,19 +92,28 @@ class _State:
     last: float = 0.0
 
 
-async def _session(settings: Settings, rules: KeyRules, backoff: _Backoff) -> None:
+async def _session(
+    settings: Settings,
+    rules: KeyRules,
+    backoff: _Backoff,
+    metrics: LoaderMetrics,
+    *,
+    reconnecting: bool,
+) -> None:
     async with (
         _connected(settings) as (source, reads, writes),
         source.feed(settings.poll_interval) as feed,
         _mirror(settings) as incremental,
     ):
+        if reconnecting:
+            metrics.reconnects.inc()
         state = _State(asyncio.Event())
         state.due.set()
         await _first_failure(
-            _reconcile_loop(settings, rules, source, reads, writes, state, backoff),
-            _change_loop(rules, feed, source, incremental, state),
+            _reconcile_loop(settings, rules, source, reads, writes, state, backoff, metrics),
+            _change_loop(rules, feed, source, incremental, state, metrics),
             _watch_loop(settings, incremental, state),
-            _usage_loop(settings, source, incremental),
+            _usage_loop(settings, source, incremental, metrics),
         )
 
 
@@ -97,28 +125,38 @@ async def _reconcile_loop(
     writes: Mirror,
     state: _State,
     backoff: _Backoff,
+    metrics: LoaderMetrics,
 ) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.due.wait(), settings.reconcile_interval)
         state.due.clear()
         state.reconciling = True
-        await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
+        report = await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
+        metrics.reconciled(report)
         state.reconciling = False
         state.last = time.monotonic()
         backoff.reset()
 
 
 async def _change_loop(
-    rules: KeyRules, feed: ChangeFeed, source: Source, mirror: Mirror, state: _State
+    rules: KeyRules,
+    feed: ChangeFeed,
+    source: Source,
+    mirror: Mirror,
+    state: _State,
+    metrics: LoaderMetrics,
 ) -> None:
     while True:
         changes = await feed.next(1.0)
+        seen = time.time()
         if changes.lost:
             log.warning("changes may have been missed; reconciling in full")
             state.due.set()
         if changes.key_hashes or changes.key_ids or changes.account_ids:
             report = await refresh(source, mirror, changes, rules=rules)
+            # Without the change's own time (an older trigger), the lag counts from its arrival.
+            metrics.refreshed(report, changed_at=changes.changed_at or seen)
             log.info(
                 "applied changes: %d keys written, %d removed, %d kept out by newer changes",
                 report.written,
@@ -138,7 +176,9 @@ async def _watch_loop(settings: Settings, mirror: Mirror, state: _State) -> None
             state.due.set()
 
 
-async def _usage_loop(settings: Settings, source: Source, mirror: Mirror) -> None:
+async def _usage_loop(
+    settings: Settings, source: Source, mirror: Mirror, metrics: LoaderMetrics
+) -> None:
     """Copy the sidecars' last-use notes into ``last_used_at``, as Wacrm keeps it."""
     while True:
         await asyncio.sleep(settings.last_used_flush)
@@ -150,6 +190,12 @@ async def _usage_loop(settings: Settings, source: Source, mirror: Mirror) -> Non
         except SourceUnavailable:
             await mirror.restore_used(uses)
             raise
+        except asyncio.CancelledError:
+            # Stopping mid-write: hand the notes back (newer ones win) for the next flush.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await asyncio.wait_for(mirror.restore_used(uses), CLOSE_TIMEOUT)
+            raise
+        metrics.last_used_rows.inc(updated)
         log.debug("last_used_at updated for %d of %d keys", updated, len(uses))
 
 
@@ -173,7 +219,7 @@ async def _connected(settings: Settings) -> AsyncIterator[tuple[Source, Mirror, 
         async with _mirror(settings) as reads, _mirror(settings) as writes:
             yield source, reads, writes
     finally:
-        await source.close()
+        await _bounded(source.close(), "the source")
 
 
 @contextlib.asynccontextmanager
@@ -184,4 +230,12 @@ async def _mirror(settings: Settings) -> AsyncIterator[Mirror]:
     try:
         yield mirror
     finally:
-        await mirror.close()
+        await _bounded(mirror.close(), "Redis")
+
+
+async def _bounded(closing: Coroutine[Any, Any, None], what: str) -> None:
+    """Await *closing*, but no longer than CLOSE_TIMEOUT: a stop must not hang on a close."""
+    try:
+        await asyncio.wait_for(closing, CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("closing the connection to %s took too long; leaving it", what)

@@ -101,6 +101,21 @@ OPTIONS = (
         "seconds to wait for a connection to the source or Redis",
     ),
     Option(
+        "metrics_port",
+        "WACRM_LOADER_METRICS_PORT",
+        options.port,
+        None,
+        "TCP port on which `run` serves /metrics (Prometheus), /healthz and /readyz;"
+        " unset = no metrics server",
+    ),
+    Option(
+        "metrics_host",
+        "WACRM_LOADER_METRICS_HOST",
+        str,
+        "127.0.0.1",
+        "address the metrics server of `run` listens on",
+    ),
+    Option(
         "log_level",
         "WACRM_LOG_LEVEL",
         options.choice("debug", "info", "warning", "error"),
@@ -125,6 +140,8 @@ class Settings:
     batch_size: int = 5000
     retry_max: float = 5.0
     timeout: float = 5.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
 
     @classmethod

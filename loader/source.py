@@ -28,6 +28,8 @@ class Changes:
     account_ids: set[str] = field(default_factory=set)
     #: Changes may have been missed: only a full reconcile can catch up.
     lost: bool = False
+    #: When the oldest of these changes was made (Unix seconds, the database's clock), if known.
+    changed_at: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.key_hashes or self.key_ids or self.account_ids or self.lost)
@@ -38,6 +40,10 @@ class Changes:
         self.key_ids |= other.key_ids
         self.account_ids |= other.account_ids
         self.lost = self.lost or other.lost
+        if other.changed_at is not None and (
+            self.changed_at is None or other.changed_at < self.changed_at
+        ):
+            self.changed_at = other.changed_at
 
 
 @dataclass(frozen=True, slots=True)

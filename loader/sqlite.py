@@ -284,14 +284,16 @@ class SqliteFeed:
             return changes
         self._version = version
         rows = self.db.execute(
-            "SELECT seq, key_id, key_hash, account_id FROM wacrm_changes WHERE seq > ?"
-            " ORDER BY seq",
+            "SELECT seq, key_id, key_hash, account_id, changed_at FROM wacrm_changes"
+            " WHERE seq > ? ORDER BY seq",
             (self._cursor,),
         ).fetchall()
         # AUTOINCREMENT numbers commits without gaps; a gap means the log was pruned
         # past us, and only a full reconcile can tell what changed.
         changes.lost = bool(rows) and rows[0][0] != self._cursor + 1
-        for seq, key_id, key_hash, account_id in rows:
+        if rows:
+            changes.changed_at = _seconds(rows[0][4])
+        for seq, key_id, key_hash, account_id, _ in rows:
             self._cursor = max(self._cursor, seq)
             if key_hash:
                 changes.key_hashes.add(key_hash)
@@ -311,6 +313,15 @@ class SqliteFeed:
             "DELETE FROM wacrm_changes WHERE seq <= ? AND changed_at < ?", (self._cursor, cutoff)
         )
         self._version = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _seconds(text: str | None) -> float | None:
+    """Return the stored timestamp *text* in Unix seconds, or None if it is unreadable."""
+    try:
+        moment = parse_time(text)
+    except (ValueError, TypeError):
+        return None
+    return None if moment is None else moment.timestamp()
 
 
 def _apply_schema(db: _Db) -> None:
