@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +28,7 @@ from loader.settings import Settings
 from loader.source import Changes
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
-from tests.loader.conftest import pg_account, pg_key, settings_for
+from tests.loader.conftest import ROOT, pg_account, pg_key, settings_for
 from tests.loader.test_runner import eventually, running
 
 KS = Keyspace()
@@ -199,3 +203,55 @@ def _sample(metrics: LoaderMetrics, name: str, **labels: str) -> float:
     found = metrics.registry.get_sample_value(name, labels)
     assert found is not None, name
     return found
+
+
+async def test_the_loader_command_serves_metrics_on_the_flag_s_port(
+    tmp_path: Path, redis: Redis, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    proc = start_run(tmp_path, redis_server, "--metrics-port", str(port))
+    try:
+
+        async def loaded() -> bool:
+            try:
+                samples = await scrape(port)
+            except aiohttp.ClientError:
+                return False
+            return value(samples, "wacrm_loader_reconciles_total", result="ok") == 1
+
+        await eventually(loaded, 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=10)
+    assert proc.returncode == 0, out
+
+
+async def test_the_loader_command_stops_when_its_metrics_port_is_taken(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    async with serving(LoaderMetrics(), "127.0.0.1", port):
+        proc = start_run(tmp_path, redis_server, "--metrics-port", str(port))
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
+    assert proc.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in out and "Traceback" not in out
+    bad = start_run(tmp_path, redis_server, "--metrics-port", "0")
+    out, _ = await asyncio.to_thread(bad.communicate, timeout=20)
+    assert bad.returncode == 2 and "--metrics-port='0'" in out
+
+
+def start_run(tmp_path: Path, redis_server: RedisServer, *flags: str) -> subprocess.Popen[str]:
+    """Start ``python -m loader run`` on a SQLite file in *tmp_path* with *flags*."""
+    env = {
+        **os.environ,
+        "WACRM_SOURCE": f"sqlite:///{tmp_path / 'keys.db'}",
+        "WACRM_REDIS_URL": redis_server.url,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "loader", "run", *flags],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
