@@ -8,14 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from loader import runner
+from loader.metrics import LoaderMetrics
+from loader.mirror import Mirror
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
-from tests.loader.conftest import ROOT, pg_account
+from tests.loader.conftest import ROOT, pg_account, settings_for
 from tests.loader.test_runner import eventually
 
 KS = Keyspace()
@@ -117,3 +121,30 @@ async def test_sync_interrupted_exits_non_zero_without_a_traceback(
     assert status == 128 + sig, out
     assert took < STOP_WITHIN
     assert "Traceback" not in out and '"exc"' not in out, out
+
+
+class _StuckSource:
+    """A source whose ``touch`` never returns: the loader is stopped in the middle of it."""
+
+    def __init__(self) -> None:
+        self.touching = asyncio.Event()
+
+    async def touch(self, uses: Mapping[str, int]) -> int:
+        self.touching.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_last_use_notes_taken_when_stopped_are_handed_back(
+    mirror: Mirror, redis: Redis, redis_server: RedisServer
+) -> None:
+    await redis.zadd(KS.used, {"k1": 1000, "k2": 2000})
+    source = _StuckSource()
+    settings = settings_for("sqlite:///unused.db", redis_server, last_used_flush=0.01)
+    task = asyncio.create_task(runner._usage_loop(settings, source, mirror, LoaderMetrics()))
+    await asyncio.wait_for(source.touching.wait(), 5)
+    assert not await redis.exists(KS.used)  # taken
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await redis.zrange(KS.used, 0, -1, withscores=True) == [(b"k1", 1000), (b"k2", 2000)]
