@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -166,6 +167,8 @@ def _exit_now(status: int, why: str) -> None:
     """Leave at once with *status*, connections and all: the last resort of a stop."""
     log.warning("%s; exiting without closing the connections", why)
     logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
     os._exit(status)
 
 
