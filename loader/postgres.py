@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -13,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from loader.rows import KeyRow, is_valid_hash
+from loader.rows import KeyRow, KeyRules, is_valid_hash
 from loader.source import Changes, KeyListing, NewKey, NotFound, SourceUnavailable
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,30 @@ SELECT k.id::text, k.account_id::text, a.name, a.id IS NOT NULL, k.key_prefix, k
        NULL::text
 FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
 """
+
+
+#: `bodies`: each unrevoked key's hash and, when the SQL can tell what its record is, that
+#: record's JSON after the version field exactly as ``sidecar.records.encode`` writes it; NULL
+#: hash = expired at $2.  $1: known scopes, $2: version (ms), $3/$4 ($5/$6): the ids and JSON
+#: rate limits of accounts (keys) with limits of their own; the {fields} are `_bodies`'s.
+_BODIES = """
+SELECT CASE WHEN e.ms <= $2 THEN NULL ELSE k.key_hash END,
+       CASE WHEN k.scopes <@ $1::text[] AND (e.ms IS NULL OR e.ms > $2) THEN convert_to(
+         ',"l":' || {limit} || ',"k":"' || k.id::text || a.j
+         || ',"p":' || to_json(k.key_prefix)::text || ',"s":' || {scopes}
+         || ',"e":' || coalesce(e.ms::text, 'null') || '}}', 'UTF8') END
+FROM api_keys k
+CROSS JOIN LATERAL (SELECT floor(extract(epoch FROM k.expires_at) * 1000)::int8 AS ms) e
+LEFT JOIN (
+  SELECT a.id, coalesce(al.l, 'null') AS l,
+         '","a":"' || a.id::text || '","n":' || coalesce(to_json(a.name)::text, 'null') AS j
+  FROM accounts a LEFT JOIN unnest($3::text[], $4::text[]) AS al(id, l) ON al.id = a.id::text
+  OFFSET 0
+) a ON a.id = k.account_id
+{key_join}WHERE k.revoked_at IS NULL
+"""
+#: Scopes that JSON writes as they are, so the SQL may quote them without escaping.
+_PLAIN_SCOPE = re.compile(r"[A-Za-z0-9:_.\-]+")
 
 
 def parse_payload(payload: str) -> Changes | None:
@@ -88,6 +113,28 @@ class PostgresSource:
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 cursor = await conn.cursor(_SELECT + "WHERE k.revoked_at IS NULL")
+                while rows := await cursor.fetch(batch):
+                    yield rows
+
+    async def bodies(
+        self, batch: int, *, version: int, rules: KeyRules
+    ) -> AsyncIterator[list[tuple[str | None, bytes | None]]]:
+        """Yield (hash, record body) of every unrevoked key, from one consistent snapshot.
+
+        The body is ``encode(record, version=...)`` after the version field, built by the
+        SQL for the rows it can judge (account present, scopes all known, not expired at
+        *version*, rate limit from *rules*), else None.  The hash is None for a key expired
+        at *version*.  A body is never wrong in a way that could match what the loader
+        wrote to Redis, but it may differ from ``encode`` (names it would clean, duplicate
+        scopes): only equality with a stored record proves it current.
+        """
+        query, args = _bodies(version, rules)
+        with _unavailable("reading api_keys failed"):
+            async with (
+                self.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                cursor = await conn.cursor(query, *args)
                 while rows := await cursor.fetch(batch):
                     yield rows
 
@@ -237,6 +284,34 @@ class PostgresFeed:
         self._checked = time.monotonic()
         with _unavailable("the PostgreSQL connection listening for changes broke"):
             await self.conn.fetchval("SELECT 1", timeout=_HEALTH_EVERY)
+
+
+def _bodies(version: int, rules: KeyRules) -> tuple[str, list[Any]]:
+    """Return `_BODIES` for *rules* and its arguments at *version*."""
+    limits = rules.limits
+    if all(_PLAIN_SCOPE.fullmatch(s) for s in rules.scopes):
+        scopes = (
+            "CASE WHEN cardinality(k.scopes) = 0 THEN '[]'"
+            " ELSE '[\"' || array_to_string(k.scopes, '\",\"') || '\"]' END"
+        )
+    else:
+        scopes = "to_json(k.scopes)::text"
+    # A key's own limit wins over its account's (`Limits.of`); the join costs a little per
+    # row, so it is there only when some key has a limit of its own.
+    key_join, limit = "", "a.l"
+    if limits.keys:
+        key_join = "LEFT JOIN unnest($5::text[], $6::text[]) AS kl(id, l) ON kl.id = k.id::text\n"
+        limit = "coalesce(kl.l, a.l)"
+    query = _BODIES.format(scopes=scopes, key_join=key_join, limit=limit)
+    args: list[Any] = [
+        sorted(rules.scopes),
+        version,
+        list(limits.accounts),
+        [f"[{r.limit},{r.window_ms}]" for r in limits.accounts.values()],
+    ]
+    if limits.keys:
+        args += [list(limits.keys), [f"[{r.limit},{r.window_ms}]" for r in limits.keys.values()]]
+    return query, args
 
 
 def _row(r: Any) -> KeyRow:

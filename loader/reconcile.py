@@ -13,8 +13,9 @@ import gc
 import logging
 import time
 from binascii import unhexlify
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 from loader.mirror import Mirror, unversioned
 from loader.pipe import Batch
@@ -24,10 +25,24 @@ from sidecar.records import KeyRecord
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Problems logged one by one per reconcile; the rest are only counted.
 MAX_PROBLEMS_LOGGED = 20
 #: Full reconciles tried in a row while Redis keeps losing its data under them.
 MAX_ATTEMPTS = 3
+_HEX = "0123456789abcdef"
+
+
+@runtime_checkable
+class BodySource(Protocol):
+    """A source that can build each key's record body itself (see `PostgresSource.bodies`)."""
+
+    def bodies(
+        self, batch: int, *, version: int, rules: KeyRules
+    ) -> AsyncIterator[list[tuple[str | None, bytes | None]]]:
+        """Yield (hash or None if expired, body or None) of every unrevoked key."""
+        ...
 
 
 @dataclass(slots=True)
@@ -113,44 +128,30 @@ async def _reconcile(
 ) -> Report:
     started = time.monotonic()
     report = Report(version=await reads.version())
+    # Comparing the source's own record bodies only pays when Redis already holds most
+    # keys; into an empty Redis every key is written, so every row is judged here anyway.
+    warm = isinstance(source, BodySource) and await reads.is_loaded()
     await writes.begin_load()
-    version = report.version
-    seen: set[bytes] = set()
-    problems = _Problems()
-    puts = Batch()
-    seen_add = seen.add
-    async for rows in _prefetch(source.snapshot(batch_size)):
-        hashes: list[str] = []
-        records: list[KeyRecord] = []
-        for row in rows:
-            record, trouble = judge(row, rules, version)
-            if trouble:
-                problems.note(row[0], trouble)
-            if record is None:
-                report.skipped += 1
-            else:
-                hashes.append(row[5])
-                records.append(record)
-                seen_add(unhexlify(row[5]))
-        stored = await reads.fetch(hashes)
-        changed = []
-        for key_hash, record, raw in zip(hashes, records, stored, strict=True):
-            body = unversioned(record)
-            if raw is None or raw[raw.find(b",") :] != body:
-                changed.append((key_hash, body, record.expires_at_ms))
-        await writes.put_bodies(changed, version=version, batch=puts)
-        report.active += len(hashes)
+    run = _Run(source, reads, writes, rules, report)
+    if isinstance(source, BodySource) and warm:
+        chunks = source.bodies(batch_size, version=report.version, rules=rules)
+        async for bodies in _prefetch(chunks):
+            await run.compare(bodies)
+    else:
+        async for rows in _prefetch(source.snapshot(batch_size)):
+            await run.judge(rows)
     deletes = Batch()
+    seen = run.seen
     async for page in reads.scan_hashes():
         gone = [h.decode() for h in page if not _seen(seen, h)]
-        await writes.delete(gone, version=version, batch=deletes)
-    await writes.wait(puts)
+        await writes.delete(gone, version=report.version, batch=deletes)
+    await writes.wait(run.puts)
     await writes.wait(deletes)
-    report.complete = await writes.mark_loaded(version)
-    problems.summarise()
-    report.written, report.kept_out = puts.applied, puts.kept_out + deletes.kept_out
+    report.complete = await writes.mark_loaded(report.version)
+    run.problems.summarise()
+    report.written, report.kept_out = run.puts.applied, run.puts.kept_out + deletes.kept_out
     report.deleted = deletes.applied
-    report.problems = problems.count
+    report.problems = run.problems.count
     report.seconds = time.monotonic() - started
     log.info(
         "reconciled: %d active keys, %d written, %d kept out by newer changes, %d deleted,"
@@ -161,9 +162,86 @@ async def _reconcile(
         report.deleted,
         report.skipped,
         report.seconds,
-        extra={"version": version},
+        extra={"version": report.version},
     )
     return report
+
+
+class _Run:
+    """The state of one full reconcile: what it has seen, written and complained about."""
+
+    def __init__(
+        self, source: Source, reads: Mirror, writes: Mirror, rules: KeyRules, report: Report
+    ) -> None:
+        self.source = source
+        self.reads = reads
+        self.writes = writes
+        self.rules = rules
+        self.report = report
+        #: The hashes (binary) of the keys Redis must hold; every other record is deleted.
+        self.seen: set[bytes] = set()
+        self.problems = _Problems()
+        self.puts = Batch()
+
+    async def judge(self, rows: Sequence[KeyRow]) -> None:
+        """Judge *rows* here, and write the records that Redis does not hold as they are."""
+        report, version, rules = self.report, self.report.version, self.rules
+        seen_add, note = self.seen.add, self.problems.note
+        hashes: list[str] = []
+        records: list[KeyRecord] = []
+        for row in rows:
+            record, trouble = judge(row, rules, version)
+            if trouble:
+                note(row[0], trouble)
+            if record is None:
+                report.skipped += 1
+            else:
+                hashes.append(row[5])
+                records.append(record)
+                seen_add(unhexlify(row[5]))
+        stored = await self.reads.fetch(hashes)
+        changed = []
+        for key_hash, record, raw in zip(hashes, records, stored, strict=True):
+            body = unversioned(record)
+            if raw is None or raw[raw.find(b",") :] != body:
+                changed.append((key_hash, body, record.expires_at_ms))
+        await self.writes.put_bodies(changed, version=version, batch=self.puts)
+        report.active += len(hashes)
+
+    async def compare(self, bodies: Sequence[tuple[str | None, bytes | None]]) -> None:
+        """Keep the keys whose record body from the source equals Redis's; judge the rest.
+
+        A body equal to the stored record proves the record current: the source builds
+        either ``encode``'s exact bytes or bytes the loader never writes.  Every other row
+        is read again, judged and written as in `judge`.
+        """
+        hashes: list[str] = []
+        expected: list[bytes] = []
+        again: list[str] = []
+        skipped = 0
+        for key_hash, body in bodies:
+            if key_hash is None:
+                skipped += 1  # expired
+            elif body is None or len(key_hash) != 64 or key_hash.strip(_HEX):
+                again.append(key_hash)
+            else:
+                hashes.append(key_hash)
+                expected.append(body)
+        self.report.skipped += skipped
+        stored = await self.reads.fetch(hashes)
+        held = 0
+        seen_add = self.seen.add
+        for key_hash, body, raw in zip(hashes, expected, stored, strict=True):
+            if raw is not None and raw[raw.find(b",") :] == body:
+                seen_add(unhexlify(key_hash))
+                held += 1
+            else:
+                again.append(key_hash)
+        self.report.active += held
+        if again:
+            # The rows as they are now, not as the snapshot had them: anything read after
+            # the version may be written at it (refresh does the same).
+            await self.judge(await self.source.rows(Changes(key_hashes=set(again))))
 
 
 async def refresh(source: Source, mirror: Mirror, changes: Changes, *, rules: KeyRules) -> Report:
@@ -205,9 +283,9 @@ def _seen(seen: set[bytes], key_hash: bytes) -> bool:
         return False
 
 
-async def _prefetch(chunks: AsyncIterator[list[KeyRow]]) -> AsyncIterator[list[KeyRow]]:
+async def _prefetch(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
     """Yield *chunks* while the next one is already being read."""
-    queue: asyncio.Queue[list[KeyRow] | BaseException | None] = asyncio.Queue(maxsize=2)
+    queue: asyncio.Queue[T | BaseException | None] = asyncio.Queue(maxsize=2)
 
     async def produce() -> None:
         try:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import asyncpg
+import orjson
 import pytest
 
+from loader.limits import Limits
+from loader.mirror import unversioned
 from loader.postgres import PostgresSource, parse_payload
-from loader.rows import KeyRow
+from loader.rows import MAX_ACCOUNT_NAME, KeyRow, KeyRules, clean_text, judge
 from loader.source import Changes, NewKey, NotFound, SourceUnavailable
-from tests.loader.conftest import pg_account, pg_key
+from sidecar.records import UNLIMITED, RateLimit
+from tests.loader.conftest import KNOWN, pg_account, pg_key
 
 
 def test_payloads_name_rows_and_nothing_else() -> None:
@@ -132,3 +137,95 @@ async def test_management(pg: asyncpg.Connection, pg_source: PostgresSource) -> 
 async def test_an_unreachable_database_is_reported() -> None:
     with pytest.raises(SourceUnavailable, match="cannot connect"):
         await PostgresSource.open("postgresql://postgres@127.0.0.1:1/none", connect_timeout=1)
+
+
+#: Account names the SQL must quote exactly as orjson does, or never as the loader writes them.
+TRICKY_NAMES = [
+    "Acme Inc",
+    'Quote " and \\ backslash',
+    "Ünïcödé 名前 🚀 emoji",
+    "tab\there",
+    "nul-free \x01\x1f\x7f controls",
+    "line\u2028separator",
+    "soft\u00adhyphen and no\u00a0break",
+    "/slash/ <tags> & 'single'",
+    "x" * 250,
+    "",
+]
+#: Scope lists of the table as Wacrm may hold them: empty, repeated, unknown, NULL.
+SCOPE_LISTS: list[list[str | None]] = [
+    [],
+    ["messages:send"],
+    ["contacts:read", "contacts:write", "contacts:read"],
+    ["messages:send", "admin:everything"],
+    ["messages:send", None],
+]
+
+
+async def test_bodies_are_encode_s_bytes_or_bytes_the_loader_never_writes(
+    pg: asyncpg.Connection, pg_source: PostgresSource
+) -> None:
+    """For every row, SQL's body equals encode()'s, or cannot equal any record Python wrote."""
+    keys = {"k-own": RateLimit(7, 60_000)}
+    limited_key = str(uuid.uuid4())
+    keys[limited_key] = RateLimit(5, 1000)
+    accounts: dict[str, RateLimit] = {}
+    for i, name in enumerate(TRICKY_NAMES):
+        acct = await pg_account(pg, name)
+        if i % 3 == 0:
+            accounts[acct] = UNLIMITED if i % 2 else RateLimit(100, 3_600_000)
+        for j, scopes in enumerate(SCOPE_LISTS):
+            key_id, _, _ = await pg_key(
+                pg, acct, scopes, expires_sql="now() + interval '1 day'" if j % 2 else "NULL"
+            )
+            await pg.execute(
+                "UPDATE api_keys SET key_prefix = $2 WHERE id = $1",
+                key_id,
+                ["wacrm_live_ab", 'pre"fix\\', "pré\x02fix"][(i + j) % 3],
+            )
+    await pg.execute(
+        "UPDATE api_keys SET id = $1 WHERE id = (SELECT id FROM api_keys LIMIT 1)", limited_key
+    )
+    await pg.execute(
+        "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes,"
+        " expires_at) SELECT gen_random_uuid(), account_id, name, key_prefix,"
+        " md5(key_hash), scopes, now() - interval '1 second' FROM api_keys LIMIT 1"
+    )
+    rules = KeyRules(KNOWN.scopes, Limits(keys, accounts))
+    version = int(time.time() * 1000)
+    bodies = dict(
+        [
+            (h, b)
+            async for chunk in pg_source.bodies(7, version=version, rules=rules)
+            for h, b in chunk
+            if h is not None
+        ]
+    )
+    rows = [KeyRow(*r) async for chunk in pg_source.snapshot(100) for r in chunk]
+    assert len(bodies) == len(rows) - 1  # the expired key comes without its hash
+    exact = set()
+    for row in rows:
+        record, _ = judge(row, rules, version)
+        if record is None or (body := bodies[row.key_hash]) is None:
+            continue  # nothing to hold, or left to judge()
+        if judge_would_change(body):
+            assert body != unversioned(record)
+        else:
+            assert body == unversioned(record), row
+            exact.add(row.account_name)
+    # Quotes, backslashes, non-ASCII, emoji and an empty name all come out exact.
+    assert exact == {n for n in TRICKY_NAMES if clean_text(n)[:MAX_ACCOUNT_NAME] == n}
+    assert len(exact) == 5
+
+
+def judge_would_change(body: bytes | None) -> bool:
+    """Tell whether a record with *body* is one judge() never produces (it would clean it)."""
+    assert body is not None
+    d = orjson.loads(b'{"v":0' + body)
+    name, prefix, scopes = d["n"], d["p"], d["s"]
+    return (
+        (name is not None and clean_text(name)[:MAX_ACCOUNT_NAME] != name)
+        or clean_text(prefix) != prefix
+        or len(set(scopes)) != len(scopes)
+        or not set(scopes) <= KNOWN.scopes
+    )

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 from loader import admin
 from loader.mirror import Mirror
 from loader.postgres import PostgresSource
-from loader.reconcile import reconcile, refresh
-from loader.rows import KeyRow
+from loader.reconcile import BodySource, reconcile, refresh
+from loader.rows import KeyRow, KeyRules
 from loader.source import Changes, Source
 from loader.sqlite import SqliteSource
 from sidecar.records import Keyspace, decode, hash_key, version_of
@@ -36,6 +36,15 @@ class SlowSource:
 
     async def snapshot(self, batch: int) -> AsyncIterator[list[KeyRow]]:
         async for rows in self.inner.snapshot(batch):
+            self.has_read.set()
+            await self.go_on.wait()
+            yield rows
+
+    async def bodies(
+        self, batch: int, *, version: int, rules: KeyRules
+    ) -> AsyncIterator[list[tuple[str | None, bytes | None]]]:
+        assert isinstance(self.inner, BodySource)
+        async for rows in self.inner.bodies(batch, version=version, rules=rules):
             self.has_read.set()
             await self.go_on.wait()
             yield rows
