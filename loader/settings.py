@@ -115,13 +115,7 @@ OPTIONS = (
         "127.0.0.1",
         "address the metrics server of `run` listens on",
     ),
-    Option(
-        "log_level",
-        "WACRM_LOG_LEVEL",
-        options.choice("debug", "info", "warning", "error"),
-        "info",
-        "log level",
-    ),
+    options.LOG_LEVEL,
 )
 
 

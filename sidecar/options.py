@@ -120,3 +120,13 @@ def _parse_argv(
         )
     ns = parser.parse_args(argv)
     return {k: v for k, v in vars(ns).items() if v is not None}
+
+
+#: The log level setting, the same in every process.
+LOG_LEVEL = Option(
+    "log_level",
+    "WACRM_LOG_LEVEL",
+    choice("debug", "info", "warning", "error"),
+    "info",
+    "log level: debug, info, warning or error",
+)

@@ -78,13 +78,7 @@ OPTIONS = (
         1,
         "processes serving the port together (SO_REUSEPORT); one per core is the most useful",
     ),
-    Option(
-        "log_level",
-        "WACRM_LOG_LEVEL",
-        options.choice("debug", "info", "warning", "error"),
-        "info",
-        "log level",
-    ),
+    options.LOG_LEVEL,
 )
 
 
