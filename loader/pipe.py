@@ -29,20 +29,23 @@ class PipeError(ConnectionError):
 
 @dataclass(slots=True)
 class Batch:
-    """The tally of a group of writes: how many Redis applied, kept out or refused."""
+    """The tally of a group of writes: how many Redis applied, kept out or refused.
 
+    A command's reply is 1 (applied), another integer (kept out), a pair [applied, kept
+    out] for a command that writes several keys, or an error.
+    """
+
+    #: Commands sent, and commands answered.
     expected: int = 0
+    answered: int = 0
     applied: int = 0
     kept_out: int = 0
     errors: list[str] = field(default_factory=list)
 
-    @property
-    def answered(self) -> int:
-        return self.applied + self.kept_out + len(self.errors)
-
     def add(self, other: Batch) -> None:
         """Add the counts of *other* to this tally."""
         self.expected += other.expected
+        self.answered += other.answered
         self.applied += other.applied
         self.kept_out += other.kept_out
         self.errors.extend(other.errors)
@@ -169,10 +172,14 @@ class Pipe:
         waiter = self._waiting.popleft()
         self._in_flight -= 1
         if isinstance(waiter, Batch):
+            waiter.answered += 1
             if isinstance(reply, hiredis.ReplyError):
                 waiter.errors.append(str(reply))
             elif reply == 1:
                 waiter.applied += 1
+            elif isinstance(reply, list):
+                waiter.applied += reply[0]
+                waiter.kept_out += reply[1]
             else:
                 waiter.kept_out += 1
         elif not waiter.done():

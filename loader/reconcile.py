@@ -139,7 +139,7 @@ async def _reconcile(
             await run.compare(bodies)
     else:
         async for rows in _prefetch(source.snapshot(batch_size)):
-            await run.judge(rows)
+            await run.judge(rows, compare=False)
     deletes = Batch()
     seen = run.seen
     async for page in reads.scan_hashes():
@@ -183,8 +183,12 @@ class _Run:
         self.problems = _Problems()
         self.puts = Batch()
 
-    async def judge(self, rows: Sequence[KeyRow]) -> None:
-        """Judge *rows* here, and write the records that Redis does not hold as they are."""
+    async def judge(self, rows: Sequence[KeyRow], *, compare: bool = True) -> None:
+        """Judge *rows* here, and write the records that Redis does not hold as they are.
+
+        Without *compare*, write every record without reading Redis first: cheaper when
+        Redis holds next to nothing (the write itself leaves an identical record alone).
+        """
         report, version, rules = self.report, self.report.version, self.rules
         seen_add, note = self.seen.add, self.problems.note
         hashes: list[str] = []
@@ -199,12 +203,17 @@ class _Run:
                 hashes.append(row[5])
                 records.append(record)
                 seen_add(unhexlify(row[5]))
-        stored = await self.reads.fetch(hashes)
-        changed = []
-        for key_hash, record, raw in zip(hashes, records, stored, strict=True):
-            body = unversioned(record)
-            if raw is None or raw[raw.find(b",") :] != body:
-                changed.append((key_hash, body, record.expires_at_ms))
+        if compare:
+            stored = await self.reads.fetch(hashes)
+            changed = []
+            for key_hash, record, raw in zip(hashes, records, stored, strict=True):
+                body = unversioned(record)
+                if raw is None or raw[raw.find(b",") :] != body:
+                    changed.append((key_hash, body, record.expires_at_ms))
+        else:
+            changed = [
+                (h, unversioned(r), r.expires_at_ms) for h, r in zip(hashes, records, strict=True)
+            ]
         await self.writes.put_bodies(changed, version=version, batch=self.puts)
         report.active += len(hashes)
 

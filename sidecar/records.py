@@ -192,6 +192,42 @@ end
 return 1
 """
 
+# PUT_SCRIPT for many keys at once: what PUT_SCRIPT does to each, in one atomic step, at a
+# fraction of the cost (one call, one MGET, one MSET).  Every key of one call must live on
+# the same server: fine for one Redis and its replicas, not for a Redis Cluster.
+# KEYS: record and tombstone of each key, in pairs.  ARGV: version, then the payload and
+# expires_at_ms ("" = never) of each key.  Returns {written or already held, kept out}.
+PUT_MANY_SCRIPT = """
+local ver = tonumber(ARGV[1])
+local held = redis.call('MGET', unpack(KEYS))
+local plain = {}
+local applied, kept = 0, 0
+for i = 1, #KEYS, 2 do
+  local cur, gone = held[i], held[i + 1]
+  local payload, exp = ARGV[i + 1], ARGV[i + 2]
+  local keep = gone and tonumber(gone) > ver
+  if cur and not keep then
+    local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+    keep = cv and cv > ver
+  end
+  if keep then
+    kept = kept + 1
+  else
+    applied = applied + 1
+    if cur ~= payload then
+      if exp == '' then
+        plain[#plain + 1] = KEYS[i]
+        plain[#plain + 1] = payload
+      else
+        redis.call('SET', KEYS[i], payload, 'PXAT', exp)
+      end
+    end
+  end
+end
+if #plain > 0 then redis.call('MSET', unpack(plain)) end
+return {applied, kept}
+"""
+
 # KEYS: record, tombstone.  ARGV: version, tombstone ttl ms.
 # Returns 1 when the record is gone (deleted now or absent), 0 when a newer record kept it.
 DELETE_SCRIPT = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from loader.mirror import Mirror, same_record
+from loader.mirror import PUT_MANY_KEYS, Mirror, same_record
 from loader.pipe import Batch
 from sidecar.records import KeyRecord, Keyspace, decode, encode, version_of
 
@@ -83,3 +83,39 @@ def test_same_record_ignores_the_version() -> None:
     assert same_record(encode(REC, version=1234567890123), REC)
     other = KeyRecord("k1", "a1", "Acme", "wacrm_live_abcdefgh", ("contacts:read",), None)
     assert not same_record(encode(other, version=1), REC)
+
+
+async def test_many_writes_in_one_call_keep_each_key_s_rules(mirror: Mirror, redis: Redis) -> None:
+    """PUT_MANY_SCRIPT, over several calls: tombstones and newer records keep old writes out."""
+    hashes = [f"{i:064x}" for i in range(PUT_MANY_KEYS * 2 + 50)]
+    seconds, _ = await redis.time()
+    at = (seconds + 60) * 1000
+    setup = Batch()
+    await mirror.delete(hashes[0::5], version=500, batch=setup)  # newer tombstones
+    await mirror.put([(h, REC) for h in hashes[1::5]], version=600, batch=setup)  # newer
+    await mirror.put([(h, REC) for h in hashes[2::5]], version=100, batch=setup)  # older
+    await mirror.delete(hashes[3::5], version=100, batch=setup)  # older tombstones
+    await mirror.wait(setup)
+    batch = Batch()
+    records = [
+        (h, REC if i % 2 else KeyRecord("k", "a", None, "p", (), at)) for i, h in enumerate(hashes)
+    ]
+    await mirror.put(records, version=400, batch=batch)
+    await mirror.wait(batch)
+    kept = len(hashes[0::5]) + len(hashes[1::5])
+    assert (batch.applied, batch.kept_out, batch.expected) == (len(hashes) - kept, kept, 3)
+    stored = await mirror.fetch(hashes)
+    for i, (h, record) in enumerate(records):
+        raw = stored[i]
+        if i % 5 == 0:
+            assert raw is None
+        elif i % 5 == 1:
+            assert raw is not None and version_of(raw) == 600
+        else:
+            assert raw is not None and version_of(raw) == 400 and decode(raw) == record
+            expected_expiry = -1 if record.expires_at_ms is None else at
+            assert await redis.pexpiretime(KS.record(h)) == expected_expiry
+    again = Batch()
+    await mirror.put(records[2::5], version=400, batch=again)  # the same payload: held
+    await mirror.wait(again)
+    assert again.applied == len(records[2::5])
