@@ -43,6 +43,8 @@ class Mirror:
         # so their RESP form is a constant head, the hash and a constant tail.
         prefix = keyspace.prefix.encode()
         self._prefix_len = len(keyspace.record("")) - 1
+        #: What a record's Redis key is before its hash (the hash and "}" follow).
+        self.record_head = keyspace.record("")[:-1]
         self._record_head = b"$%d\r\n%s" % (len(keyspace.record("0" * 64)), prefix + b"key:{")
         self._tombstone_head = b"$%d\r\n%s" % (
             len(keyspace.tombstone("0" * 64)),
@@ -93,6 +95,28 @@ class Mirror:
             (b"}\r\n" + head).join([h.encode() for h in key_hashes]),
         )
         result: list[bytes | None] = await self.pipe.request(command)
+        return result
+
+    def record_key(self, key_hash: str) -> bytes:
+        """Return the Redis key of *key_hash*'s record, as `fetch_keys` and `scan_keys` do."""
+        return (self.record_head + key_hash + "}").encode()
+
+    def hash_in(self, record_key: bytes) -> str:
+        """Return the hash inside the Redis key *record_key* of a record."""
+        return record_key[self._prefix_len : -1].decode()
+
+    async def fetch_keys(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Return the value of each of the Redis *keys* (None where there is none)."""
+        if not keys:
+            return []
+        size = len(keys[0])
+        if all(len(k) == size for k in keys):
+            args = b"$%d\r\n%s\r\n" % (size, (b"\r\n$%d\r\n" % size).join(keys))
+        else:
+            args = b"".join([b"$%d\r\n%s\r\n" % (len(k), k) for k in keys])
+        result: list[bytes | None] = await self.pipe.request(
+            b"*%d\r\n$4\r\nMGET\r\n%s" % (len(keys) + 1, args)
+        )
         return result
 
     async def put(
@@ -177,6 +201,17 @@ class Mirror:
             cursor, keys = await self.pipe.call("SCAN", cursor, "MATCH", pattern, "COUNT", count)
             if keys:
                 yield [k[start:-1] for k in keys]
+            if cursor in (b"0", "0", 0):
+                return
+
+    async def scan_keys(self, *, count: int = 10000) -> AsyncIterator[list[bytes]]:
+        """Yield the Redis key of every stored record, a SCAN page at a time."""
+        cursor: Any = b"0"
+        pattern = self.keyspace.record_pattern
+        while True:
+            cursor, keys = await self.pipe.call("SCAN", cursor, "MATCH", pattern, "COUNT", count)
+            if keys:
+                yield keys
             if cursor in (b"0", "0", 0):
                 return
 

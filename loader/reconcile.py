@@ -12,7 +12,6 @@ import contextlib
 import gc
 import logging
 import time
-from binascii import unhexlify
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
@@ -141,9 +140,9 @@ async def _reconcile(
         async for rows in _prefetch(source.snapshot(batch_size)):
             await run.judge(rows, compare=False)
     deletes = Batch()
-    seen = run.seen
-    async for page in reads.scan_hashes():
-        gone = [h.decode() for h in page if not _seen(seen, h)]
+    seen, hash_in = run.seen, reads.hash_in
+    async for page in reads.scan_keys():
+        gone = [hash_in(k) for k in page if k not in seen]
         await writes.delete(gone, version=report.version, batch=deletes)
     await writes.wait(run.puts)
     await writes.wait(deletes)
@@ -178,7 +177,7 @@ class _Run:
         self.writes = writes
         self.rules = rules
         self.report = report
-        #: The hashes (binary) of the keys Redis must hold; every other record is deleted.
+        #: The Redis keys of the records Redis must hold; every other record is deleted.
         self.seen: set[bytes] = set()
         self.problems = _Problems()
         self.puts = Batch()
@@ -190,7 +189,7 @@ class _Run:
         Redis holds next to nothing (the write itself leaves an identical record alone).
         """
         report, version, rules = self.report, self.report.version, self.rules
-        seen_add, note = self.seen.add, self.problems.note
+        seen_add, note, head = self.seen.add, self.problems.note, self.reads.record_head
         hashes: list[str] = []
         records: list[KeyRecord] = []
         for row in rows:
@@ -202,7 +201,7 @@ class _Run:
             else:
                 hashes.append(row[5])
                 records.append(record)
-                seen_add(unhexlify(row[5]))
+                seen_add((head + row[5] + "}").encode())
         if compare:
             stored = await self.reads.fetch(hashes)
             changed = []
@@ -224,28 +223,29 @@ class _Run:
         either ``encode``'s exact bytes or bytes the loader never writes.  Every other row
         is read again, judged and written as in `judge`.
         """
-        hashes: list[str] = []
+        keys: list[bytes] = []
         expected: list[bytes] = []
         again: list[str] = []
         skipped = 0
+        head = self.reads.record_head
         for key_hash, body in bodies:
             if key_hash is None:
                 skipped += 1  # expired
             elif body is None or len(key_hash) != 64 or key_hash.strip(_HEX):
                 again.append(key_hash)
             else:
-                hashes.append(key_hash)
+                keys.append((head + key_hash + "}").encode())
                 expected.append(body)
         self.report.skipped += skipped
-        stored = await self.reads.fetch(hashes)
+        stored = await self.reads.fetch_keys(keys)
         held = 0
-        seen_add = self.seen.add
-        for key_hash, body, raw in zip(hashes, expected, stored, strict=True):
+        seen_add, hash_in = self.seen.add, self.reads.hash_in
+        for key, body, raw in zip(keys, expected, stored, strict=True):
             if raw is not None and raw[raw.find(b",") :] == body:
-                seen_add(unhexlify(key_hash))
+                seen_add(key)
                 held += 1
             else:
-                again.append(key_hash)
+                again.append(hash_in(key))
         self.report.active += held
         if again:
             # The rows as they are now, not as the snapshot had them: anything read after
@@ -283,13 +283,6 @@ async def refresh(source: Source, mirror: Mirror, changes: Changes, *, rules: Ke
         problems=problems.count,
         seconds=time.monotonic() - started,
     )
-
-
-def _seen(seen: set[bytes], key_hash: bytes) -> bool:
-    try:
-        return unhexlify(key_hash) in seen
-    except ValueError:  # binascii.Error: not hex
-        return False
 
 
 async def _prefetch(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
