@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from loader.pipe import Batch, Pipe, PipeError
+from loader.rows import Fields
 from sidecar.records import (
     DELETE_SCRIPT,
     DRAIN_USED_SCRIPT,
@@ -15,6 +16,7 @@ from sidecar.records import (
     KeyRecord,
     Keyspace,
     encode,
+    encode_fields,
 )
 
 #: What a Redis call of the loader can raise when the server is down, slow or confused.
@@ -253,6 +255,11 @@ def unversioned(record: KeyRecord) -> bytes:
     any version is ``{"v":<version>`` followed by these bytes.
     """
     return encode(record, version=0)[_VERSION_0:]
+
+
+def unversioned_fields(fields: Fields) -> bytes:
+    """Return `unversioned` of a record of these *fields* (see `loader.rows.decide`)."""
+    return encode_fields(0, *fields)[_VERSION_0:]
 
 
 def same_record(stored: bytes, record: KeyRecord) -> bool:

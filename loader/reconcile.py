@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from loader.mirror import Mirror, unversioned
+from loader.mirror import Mirror, unversioned_fields
 from loader.pipe import Batch
-from loader.rows import KeyRow, KeyRules, is_valid_hash, judge
+from loader.rows import Fields, KeyRow, KeyRules, decide, is_valid_hash, judge
 from loader.source import Changes, Source
 from sidecar.records import KeyRecord
 
@@ -191,9 +191,9 @@ class _Run:
         report, version, rules = self.report, self.report.version, self.rules
         seen_add, note, head = self.seen.add, self.problems.note, self.reads.record_head
         hashes: list[str] = []
-        records: list[KeyRecord] = []
+        records: list[Fields] = []
         for row in rows:
-            record, trouble = judge(row, rules, version)
+            record, trouble = decide(row, rules, version)
             if trouble:
                 note(row[0], trouble)
             if record is None:
@@ -206,12 +206,12 @@ class _Run:
             stored = await self.reads.fetch(hashes)
             changed = []
             for key_hash, record, raw in zip(hashes, records, stored, strict=True):
-                body = unversioned(record)
+                body = unversioned_fields(record)
                 if raw is None or raw[raw.find(b",") :] != body:
-                    changed.append((key_hash, body, record.expires_at_ms))
+                    changed.append((key_hash, body, record[5]))
         else:
             changed = [
-                (h, unversioned(r), r.expires_at_ms) for h, r in zip(hashes, records, strict=True)
+                (h, unversioned_fields(r), r[5]) for h, r in zip(hashes, records, strict=True)
             ]
         await self.writes.put_bodies(changed, version=version, batch=self.puts)
         report.active += len(hashes)

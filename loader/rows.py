@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from loader.limits import NO_LIMITS, Limits
-from sidecar.records import KeyRecord
+from sidecar.records import KeyRecord, RateLimit
 
 _HEX = "0123456789abcdef"
 #: Longest account name put in a record; longer names are cut (Wacrm's own names are short).
@@ -36,9 +36,12 @@ class KeyRow(NamedTuple):
     problem: str | None = None
 
 
+#: A record's fields in `KeyRecord`'s order (a tuple is much cheaper to build).
+Fields = tuple[str, str, str | None, str, tuple[str, ...], int | None, RateLimit | None]
 #: What to do with a row: the record to hold (None = hold nothing) and any complaints.
 Verdict = tuple[KeyRecord | None, tuple[str, ...]]
-_NOTHING: Verdict = (None, ())
+FieldsVerdict = tuple[Fields | None, tuple[str, ...]]
+_NOTHING: FieldsVerdict = (None, ())
 
 
 def is_valid_hash(key_hash: str) -> bool:
@@ -56,7 +59,13 @@ class KeyRules:
 
 
 def judge(row: KeyRow, rules: KeyRules, now_ms: int) -> Verdict:
-    """Decide what Redis must hold for *row* at *now_ms*, under *rules*.
+    """Decide what Redis must hold for *row* at *now_ms*, under *rules* (see `decide`)."""
+    fields, problems = decide(row, rules, now_ms)
+    return (None if fields is None else KeyRecord(*fields)), problems
+
+
+def decide(row: KeyRow, rules: KeyRules, now_ms: int) -> FieldsVerdict:
+    """Decide what Redis must hold for *row* at *now_ms*, under *rules*, as plain fields.
 
     *row* may be any sequence in `KeyRow`'s field order (a database driver's row); this runs
     once per key in a full reconcile, so it avoids every avoidable allocation.
@@ -94,7 +103,7 @@ def judge(row: KeyRow, rules: KeyRules, now_ms: int) -> Verdict:
     if not key_prefix.isprintable():
         key_prefix = clean_text(key_prefix)
     limit = rules.limits.of(account_id, key_id)
-    return KeyRecord(key_id, account_id, name, key_prefix, scopes, expires, limit), problems
+    return (key_id, account_id, name, key_prefix, scopes, expires, limit), problems
 
 
 def clean_text(text: str) -> str:

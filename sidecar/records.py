@@ -134,17 +134,39 @@ def hash_key(plaintext: str) -> str:
 
 def encode(record: KeyRecord, *, version: int) -> bytes:
     """Serialise *record* at *version* into the bytes stored in Redis."""
-    limit = record.rate_limit
+    return encode_fields(
+        version,
+        record.key_id,
+        record.account_id,
+        record.account_name,
+        record.key_prefix,
+        record.scopes,
+        record.expires_at_ms,
+        record.rate_limit,
+    )
+
+
+def encode_fields(
+    version: int,
+    key_id: str,
+    account_id: str,
+    account_name: str | None,
+    key_prefix: str,
+    scopes: tuple[str, ...],
+    expires_at_ms: int | None,
+    rate_limit: RateLimit | None,
+) -> bytes:
+    """Return `encode` of a `KeyRecord` of these fields, without building one (cheaper)."""
     return orjson.dumps(
         {
             "v": version,
-            "l": None if limit is None else (limit.limit, limit.window_ms),
-            "k": record.key_id,
-            "a": record.account_id,
-            "n": record.account_name,
-            "p": record.key_prefix,
-            "s": record.scopes,
-            "e": record.expires_at_ms,
+            "l": None if rate_limit is None else (rate_limit.limit, rate_limit.window_ms),
+            "k": key_id,
+            "a": account_id,
+            "n": account_name,
+            "p": key_prefix,
+            "s": scopes,
+            "e": expires_at_ms,
         }
     )
 
