@@ -132,18 +132,27 @@ async def _reconcile(
     warm = isinstance(source, BodySource) and await reads.is_loaded()
     await writes.begin_load()
     run = _Run(source, reads, writes, rules, report)
-    if isinstance(source, BodySource) and warm:
-        chunks = source.bodies(batch_size, version=report.version, rules=rules)
-        async for bodies in _prefetch(chunks):
-            await run.compare(bodies)
-    else:
-        async for rows in _prefetch(source.snapshot(batch_size)):
-            await run.judge(rows, compare=False)
+    # Look for records to delete while the rows are read: SCAN returns every record that
+    # exists throughout, which is every stray the reconcile must remove.
+    strays = asyncio.create_task(_unseen(writes, run.seen))
+    try:
+        if isinstance(source, BodySource) and warm:
+            chunks = source.bodies(batch_size, version=report.version, rules=rules)
+            async for bodies in _prefetch(chunks):
+                await run.compare(bodies)
+        else:
+            async for rows in _prefetch(source.snapshot(batch_size)):
+                await run.judge(rows, compare=False)
+        candidates = await strays
+    finally:
+        strays.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await strays
     deletes = Batch()
     seen, hash_in = run.seen, reads.hash_in
-    async for page in reads.scan_keys():
-        gone = [hash_in(k) for k in page if k not in seen]
-        await writes.delete(gone, version=report.version, batch=deletes)
+    gone = [hash_in(k) for k in candidates if k not in seen]
+    for i in range(0, len(gone), batch_size):
+        await writes.delete(gone[i : i + batch_size], version=report.version, batch=deletes)
     await writes.wait(run.puts)
     await writes.wait(deletes)
     report.complete = await writes.mark_loaded(report.version)
@@ -283,6 +292,14 @@ async def refresh(source: Source, mirror: Mirror, changes: Changes, *, rules: Ke
         problems=problems.count,
         seconds=time.monotonic() - started,
     )
+
+
+async def _unseen(mirror: Mirror, seen: set[bytes]) -> list[bytes]:
+    """Return the Redis keys of the stored records not in *seen* (yet) as SCAN finds them."""
+    out: list[bytes] = []
+    async for page in mirror.scan_keys():
+        out.extend([k for k in page if k not in seen])
+    return out
 
 
 async def _prefetch(chunks: AsyncIterator[T]) -> AsyncIterator[T]:

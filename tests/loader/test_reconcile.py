@@ -234,7 +234,9 @@ async def test_a_key_created_during_a_reconcile_survives_its_deletes(
     assert created.in_redis
     slow.go_on.set()
     report = await asyncio.wait_for(task, 10)
-    assert report.kept_out == 1  # the snapshot did not have it; its delete was refused
+    # The snapshot did not have it: its delete is refused, or never tried when the
+    # reconcile's SCAN had already passed by.
+    assert report.kept_out in (0, 1) and report.deleted == 0
     assert await redis.exists(KS.record(created.key.key_hash)) == 1
 
 
