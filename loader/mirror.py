@@ -112,7 +112,7 @@ class Mirror:
         if not keys:
             return []
         size = len(keys[0])
-        if all(len(k) == size for k in keys):
+        if len(set(map(len, keys))) == 1:
             args = b"$%d\r\n%s\r\n" % (size, (b"\r\n$%d\r\n" % size).join(keys))
         else:
             args = b"".join([b"$%d\r\n%s\r\n" % (len(k), k) for k in keys])

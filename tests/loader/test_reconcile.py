@@ -360,3 +360,46 @@ async def test_a_redis_wiped_during_a_reconcile_is_loaded_again(
     for _, _, key_hash in keys:
         assert await redis.exists(KS.record(key_hash)) == 1
     assert await redis.get(KS.loaded) == str(report.version).encode()
+
+
+async def test_a_reconcile_into_a_loaded_redis_compares_and_fixes_every_kind_of_row(
+    pg: asyncpg.Connection,
+    pg_source: PostgresSource,
+    mirror: Mirror,
+    mirror2: Mirror,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PostgreSQL-built bodies path: held keys kept, changes written, bad rows warned."""
+    acct = await pg_account(pg, 'Quote " \\ Ünï 🚀')
+    odd = await pg_account(pg, "tab\there")
+    same = [await pg_key(pg, acct) for _ in range(3)]
+    _, _, rescoped = await pg_key(pg, acct, ["contacts:read"])
+    _, _, renamed = await pg_key(pg, odd)
+    first = await full(pg_source, mirror, mirror2)
+    assert first.active == 5 and await mirror.is_loaded()
+    await pg.execute("UPDATE api_keys SET scopes = '{messages:send}' WHERE key_hash = $1", rescoped)
+    _, _, dup = await pg_key(pg, acct, ["messages:send", "messages:send", "admin:all"])
+    await pg_key(pg, acct, key_hash="A" * 64)  # uppercase: not a hash the gate looks up
+    await pg_key(pg, acct, key_hash="e" * 63)  # too short
+    await pg_key(pg, acct, expires_sql="now() - interval '1 second'")
+    stray = "f" * 64
+    await redis.set(KS.record(stray), b'{"v":1,"l":null}')
+    versions = {h: version_of(await redis.get(KS.record(h)) or b"") for _, _, h in same}
+    with caplog.at_level(logging.WARNING, logger="loader"):
+        report = await full(pg_source, mirror, mirror2)
+    assert (report.active, report.written, report.deleted) == (6, 2, 1)
+    assert report.skipped == 3  # two malformed hashes, one expired key
+    assert report.problems == 4  # the hashes, the unknown scope, the name cleaned
+    assert caplog.text.count("malformed key_hash") == 2
+    for _, _, h in same:  # held as they were: not even rewritten
+        assert version_of(await redis.get(KS.record(h)) or b"") == versions[h]
+    rescoped_raw = await redis.get(KS.record(rescoped))
+    assert rescoped_raw is not None and decode(rescoped_raw).scopes == ("messages:send",)
+    dup_raw = await redis.get(KS.record(dup))
+    assert dup_raw is not None and decode(dup_raw).scopes == ("messages:send",)
+    renamed_raw = await redis.get(KS.record(renamed))
+    assert renamed_raw is not None and decode(renamed_raw).account_name == "tabhere"
+    assert await redis.exists(KS.record(stray), KS.record("a" * 64)) == 0
+    again = await full(pg_source, mirror, mirror2)
+    assert (again.active, again.written, again.deleted) == (6, 0, 0)
