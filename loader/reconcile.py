@@ -138,8 +138,19 @@ async def _reconcile(
     try:
         if isinstance(source, BodySource) and warm:
             chunks = source.bodies(batch_size, version=report.version, rules=rules)
-            async for bodies in _prefetch(chunks):
-                await run.compare(bodies)
+            # Each batch's MGET is sent before the previous batch is settled, so Redis
+            # answers one while the loader compares the other.
+            asked: _Asked | None = None
+            try:
+                async for bodies in _prefetch(chunks):
+                    previous, asked = asked, run.ask(bodies)
+                    if previous is not None:
+                        await run.settle(previous)
+                if asked is not None:
+                    await run.settle(asked)
+            finally:
+                if asked is not None:
+                    asked.stored.cancel()
         else:
             async for rows in _prefetch(source.snapshot(batch_size)):
                 await run.judge(rows, compare=False)
@@ -173,6 +184,17 @@ async def _reconcile(
         extra={"version": report.version},
     )
     return report
+
+
+@dataclass(slots=True)
+class _Asked:
+    """A batch of bodies whose stored records are being read."""
+
+    keys: list[bytes]
+    expected: list[bytes]
+    #: Hashes to judge again whatever Redis holds.
+    again: list[str]
+    stored: asyncio.Future[list[bytes | None]]
 
 
 class _Run:
@@ -225,12 +247,12 @@ class _Run:
         await self.writes.put_bodies(changed, version=version, batch=self.puts)
         report.active += len(hashes)
 
-    async def compare(self, bodies: Sequence[tuple[str | None, bytes | None]]) -> None:
-        """Keep the keys whose record body from the source equals Redis's; judge the rest.
+    def ask(self, bodies: Sequence[tuple[str | None, bytes | None]]) -> _Asked:
+        """Sort *bodies* out and start reading the records they are compared with.
 
         A body equal to the stored record proves the record current: the source builds
         either ``encode``'s exact bytes or bytes the loader never writes.  Every other row
-        is read again, judged and written as in `judge`.
+        is read again, judged and written as in `judge` (see `settle`).
         """
         hashes: list[str] = []
         expected: list[bytes] = []
@@ -254,7 +276,12 @@ class _Run:
         # A hash of the wrong length names no record the loader writes: it differs below.
         head = self.reads.record_head
         keys = [(head + h + "}").encode() for h in hashes]
-        stored = await self.reads.fetch_keys(keys)
+        return _Asked(keys, expected, again, asyncio.ensure_future(self.reads.fetch_keys(keys)))
+
+    async def settle(self, asked: _Asked) -> None:
+        """Keep the keys of *asked* that Redis holds as they are; judge the others again."""
+        keys, expected, again = asked.keys, asked.expected, asked.again
+        stored = await asked.stored
         held = [
             key
             for key, body, raw in zip(keys, expected, stored, strict=True)
