@@ -28,6 +28,7 @@ PUT_MANY_KEYS = 200
 #: How long to wait after reading the clock so that anything read later is strictly newer.
 _TICK = 0.002
 _NEVER = b"$0\r\n\r\n"
+_NEVER_TAIL = b"\r\n" + _NEVER
 _VERSION_0 = len(b'{"v":0')
 if not encode(KeyRecord("", "", None, "", ()), version=0).startswith(b'{"v":0,'):
     raise ImportError("sidecar.records no longer encodes the version first")
@@ -135,29 +136,32 @@ class Mirror:
         """Like `put`, for (hash, `unversioned` record, expiry) triples already encoded."""
         if not bodies:
             return
-        rhead, thead = self._record_head, self._tombstone_head
+        # Built as text where it is text (f-strings are the cheapest formatting there is),
+        # with one header per payload length: this runs once per key of a full sync.
+        rhead, thead = self._record_head.decode(), self._tombstone_head.decode()
         ver = b"%d" % version
         # The payload is encode(record, version=version): the version field, then the body.
         lead = b'{"v":' + ver
-        keys = [
-            b"%s%s}\r\n%s%s}\r\n" % (rhead, hb, thead, hb)
-            for h, _, _ in bodies
-            for hb in (h.encode(),)
-        ]
-        args = [
-            b"$%d\r\n%s%s\r\n%s"
-            % (
-                len(lead) + len(body),
-                lead,
-                body,
-                _NEVER if expires is None else b"$%d\r\n%d\r\n" % (len(str(expires)), expires),
-            )
-            for _, body, expires in bodies
-        ]
+        size = len(lead)
+        heads: dict[int, bytes] = {}
         out = []
-        step = PUT_MANY_KEYS
-        for i in range(0, len(bodies), step):
-            n = len(keys[i : i + step])
+        for i in range(0, len(bodies), PUT_MANY_KEYS):
+            group = bodies[i : i + PUT_MANY_KEYS]
+            keys = "".join([f"{rhead}{h}}}\r\n{thead}{h}}}\r\n" for h, _, _ in group])
+            args = []
+            for _, body, expires in group:
+                n = size + len(body)
+                head = heads.get(n)
+                if head is None:
+                    head = heads[n] = b"$%d\r\n%s" % (n, lead)
+                args.append(head)
+                args.append(body)
+                args.append(
+                    _NEVER_TAIL
+                    if expires is None
+                    else b"\r\n$%d\r\n%d\r\n" % (len(str(expires)), expires)
+                )
+            n = len(group)
             out.append(
                 b"*%d\r\n%s$%d\r\n%d\r\n%s$%d\r\n%s\r\n%s"
                 % (
@@ -165,10 +169,10 @@ class Mirror:
                     self._put_head,
                     len(str(2 * n)),
                     2 * n,
-                    b"".join(keys[i : i + step]),
+                    keys.encode(),
                     len(ver),
                     ver,
-                    b"".join(args[i : i + step]),
+                    b"".join(args),
                 )
             )
         await self.pipe.send(b"".join(out), len(out), batch)
