@@ -1,10 +1,11 @@
-"""Fixtures shared by every test: a real redis-server of our own, and a client flushed per test."""
+"""Fixtures shared by every test: our own redis-server, and a throwaway PostgreSQL database."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 
@@ -50,3 +51,23 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """Return a database with Wacrm's schema and the shipped trigger, for the session."""
+    # Imported here: tests.loader.conftest imports this module.
+    from tests.loader.conftest import throwaway_database
+
+    with throwaway_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """Return a connection to the session's database, emptied before the test."""
+    from tests.loader.conftest import emptied
+
+    conn = await emptied(pg_dsn)
+    yield conn
+    await conn.close()

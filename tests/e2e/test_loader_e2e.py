@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -23,25 +23,10 @@ from demo import procs
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
 from tests.e2e.conftest import Gate
-from tests.loader.conftest import emptied, pg_account, pg_key, throwaway_database
+from tests.loader.conftest import pg_account, pg_key
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 KS = Keyspace()
-
-
-@pytest.fixture(scope="session")
-def pg_dsn() -> Iterator[str]:
-    """Return a database with Wacrm's schema and the shipped trigger, for the session."""
-    with throwaway_database() as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """Return a connection to the session's database, emptied before the test."""
-    conn = await emptied(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 class Loader:

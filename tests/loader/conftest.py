@@ -77,21 +77,6 @@ async def emptied(dsn: str) -> asyncpg.Connection:
     return conn
 
 
-@pytest.fixture(scope="session")
-def pg_dsn() -> Iterator[str]:
-    """Return a database with Wacrm's schema and the shipped trigger, for the session."""
-    with throwaway_database() as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def pg(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """Return a connection to the session's database, emptied before the test."""
-    conn = await emptied(pg_dsn)
-    yield conn
-    await conn.close()
-
-
 @pytest.fixture
 async def pg_source(pg: asyncpg.Connection, pg_dsn: str) -> AsyncIterator[PostgresSource]:
     source = await PostgresSource.open(pg_dsn, connect_timeout=5)
