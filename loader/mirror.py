@@ -198,18 +198,6 @@ class Mirror:
             raise PipeError(f"Redis refused {len(batch.errors)} writes: {batch.errors[0]}")
         return batch
 
-    async def scan_hashes(self, *, count: int = 10000) -> AsyncIterator[list[bytes]]:
-        """Yield the hashes (as ASCII bytes) of every stored record, a SCAN page at a time."""
-        cursor: Any = b"0"
-        pattern = self.keyspace.record_pattern
-        start = self._prefix_len
-        while True:
-            cursor, keys = await self.pipe.call("SCAN", cursor, "MATCH", pattern, "COUNT", count)
-            if keys:
-                yield [k[start:-1] for k in keys]
-            if cursor in (b"0", "0", 0):
-                return
-
     async def scan_keys(self, *, count: int = 10000) -> AsyncIterator[list[bytes]]:
         """Yield the Redis key of every stored record, a SCAN page at a time."""
         cursor: Any = b"0"

@@ -67,7 +67,7 @@ async def test_scan_and_loaded_mark(mirror: Mirror) -> None:
     await mirror.put([(H1, REC), (H2, REC)], version=1, batch=batch)
     await mirror.delete(["3" * 64], version=1, batch=batch)  # a tombstone is not a record
     await mirror.wait(batch)
-    found = [h.decode() async for page in mirror.scan_hashes(count=1) for h in page]
+    found = [KS.hash_of(k) async for page in mirror.scan_keys(count=1) for k in page]
     assert sorted(set(found)) == [H1, H2]
     assert not await mirror.mark_loaded(5)  # no reconcile began: nothing to confirm
     assert not await mirror.is_loaded()
