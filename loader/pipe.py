@@ -17,6 +17,8 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from sidecar.resp import encode_command
+
 Arg = bytes | str | int
 
 #: At most this many commands are sent and not yet answered; the sender waits beyond it.
@@ -49,18 +51,6 @@ class Batch:
         self.applied += other.applied
         self.kept_out += other.kept_out
         self.errors.extend(other.errors)
-
-
-def pack(*args: Arg) -> bytes:
-    """Return the RESP encoding of the command *args*."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
 
 
 class Pipe:
@@ -105,7 +95,7 @@ class Pipe:
     async def call(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise PipeError on an error reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._send(pack(*args), 1, future)
+        await self._send(encode_command(args), 1, future)
         return await future
 
     async def request(self, data: bytes) -> Any:

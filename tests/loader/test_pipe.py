@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from loader.pipe import Batch, Pipe, PipeError, pack
+from loader.pipe import Batch, Pipe, PipeError
+from sidecar.resp import encode_command
 from tests.conftest import RedisServer
-
-
-def test_pack_is_resp() -> None:
-    assert pack("SET", b"k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
 
 
 async def test_calls_answer_in_order(redis: Redis, redis_server: RedisServer) -> None:
@@ -29,7 +26,7 @@ async def test_a_batch_tallies_every_reply(redis: Redis, redis_server: RedisServ
     pipe = await Pipe.open(redis_server.url, connect_timeout=2)
     try:
         batch = Batch()
-        commands = [pack("SETNX", f"k{i % 100}", "v") for i in range(25000)]
+        commands = [encode_command(("SETNX", f"k{i % 100}", "v")) for i in range(25000)]
         await pipe.send(b"".join(commands), len(commands), batch)
         await pipe.wait(batch)
         assert (batch.applied, batch.kept_out, batch.errors) == (100, 24900, [])
