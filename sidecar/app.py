@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from functools import lru_cache
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from sidecar import decision
 from sidecar.decision import Denial
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, MetricsBusy
 from sidecar.records import KeyRecord, Keyspace
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
@@ -28,6 +29,9 @@ SCOPES_HEADER = "X-Wacrm-Scopes"
 STATUS_HEADER = "X-Wacrm-Status"
 ERROR_HEADER = "X-Wacrm-Error"
 CHALLENGE_HEADER = "X-Wacrm-Challenge"
+
+#: Reads of the workers' metrics files before /metrics gives up with a 500.
+_METRICS_TRIES = 5
 
 settings_key = web.AppKey("settings", Settings)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -125,8 +129,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Expose the metrics in Prometheus's text format."""
+    for _ in range(_METRICS_TRIES - 1):
+        try:
+            body = request.app[metrics_key].exposition()
+            break
+        except MetricsBusy:
+            await asyncio.sleep(0.01)
+    else:
+        body = request.app[metrics_key].exposition()
     return web.Response(
-        body=request.app[metrics_key].exposition(),
+        body=body,
         content_type="text/plain",
         charset="utf-8",
         headers={"Cache-Control": "no-store"},

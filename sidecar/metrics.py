@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -59,9 +60,20 @@ class Metrics:
         self.latency.observe(seconds)
 
     def exposition(self) -> bytes:
-        """Return every metric in Prometheus's text format."""
-        if self.multiprocess:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        """Return every metric in Prometheus's text format.
+
+        Raise `MetricsBusy` when a worker is creating its metrics file at this very moment
+        (prometheus-client reads it half-made); asking again a moment later succeeds.
+        """
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        try:
             return generate_latest(registry)
-        return generate_latest(self.registry)
+        except struct.error as e:
+            raise MetricsBusy(str(e)) from e
+
+
+class MetricsBusy(Exception):
+    """Another worker's metrics file is being created; try again."""

@@ -87,6 +87,8 @@ def test_workers_share_the_port_and_stop_on_sigterm(
                 break
             assert time.monotonic() < deadline, "the dead worker was not replaced"
             time.sleep(0.1)
+        # While the new worker joins the port, a connection may be refused for a moment.
+        time.sleep(2)
         assert all(_ready(sidecar.port) == 200 for _ in range(20))
         for _ in range(10):
             rawhttp.request(sidecar.port, "/auth", headers=[("X-Original-URI", "/api/v1/me")])
