@@ -25,6 +25,10 @@ from redis.connection import parse_url
 log = logging.getLogger(__name__)
 
 
+#: Seconds between a command's deadline and the second look that fails it.
+_SECOND_LOOK = 0.01
+
+
 class RedisUnavailable(Exception):
     """Redis could not be reached, or did not answer in time."""
 
@@ -113,6 +117,7 @@ class RespClient:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._suspect: asyncio.Future[Any] | None = None
 
     async def execute(self, *args: bytes | str | int) -> Any:
         """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
@@ -149,19 +154,28 @@ class RespClient:
             proto.transport.close()
 
     def _check(self) -> None:
-        """Fail everything in flight if the oldest command waited longer than the timeout."""
+        """Fail everything in flight if the oldest command waited longer than the timeout.
+
+        Timers run before the event loop reads its sockets, so after the loop was busy a
+        reply may be waiting unread.  A command past its time is therefore given one more
+        read of the sockets (a short second look) before it counts as unanswered.
+        """
         self._watchdog = None
         proto = self._proto
         if proto is None or not proto.pending:
             return
         loop = asyncio.get_running_loop()
-        oldest = proto.pending[0][1]
-        if loop.time() - oldest >= self.timeout:
-            log.warning("redis did not answer within %.3fs; reconnecting", self.timeout)
-            self._proto = None
-            proto.abort("timed out", RedisTimeout)
+        oldest_fut, oldest = proto.pending[0]
+        if loop.time() - oldest < self.timeout:
+            self._watchdog = loop.call_at(oldest + self.timeout, self._check)
             return
-        self._watchdog = loop.call_at(oldest + self.timeout, self._check)
+        if self._suspect is not oldest_fut:
+            self._suspect = oldest_fut
+            self._watchdog = loop.call_later(_SECOND_LOOK, self._check)
+            return
+        log.warning("redis did not answer within %.3fs; reconnecting", self.timeout)
+        self._proto = None
+        proto.abort("timed out", RedisTimeout)
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:

@@ -56,7 +56,13 @@ async def counted(counted_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 def busy_sidecar(tmp_path: Path, redis_server: RedisServer) -> Iterator[procs.Process]:
     """Return a sidecar whose rate limit a 10,000-request burst does not reach."""
     proc = procs.sidecar(
-        tmp_path, redis_url=redis_server.url, extra_env={"WACRM_RATE_LIMIT": "1000000/1h"}
+        tmp_path,
+        redis_url=redis_server.url,
+        extra_env={
+            "WACRM_RATE_LIMIT": "1000000/1h",
+            # This test counts table writes, not timeouts: a busy CI machine may stall.
+            "WACRM_REDIS_TIMEOUT": "5",
+        },
     )
     proc.start()
     yield proc
