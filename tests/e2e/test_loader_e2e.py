@@ -23,7 +23,7 @@ from demo import procs
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
 from tests.e2e.conftest import Gate
-from tests.loader.conftest import pg_account, pg_key
+from tests.loader.conftest import bulk_keys, pg_account, pg_key
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 KS = Keyspace()
@@ -184,17 +184,7 @@ async def test_a_loader_killed_mid_sync_converges_when_restarted(
 ) -> None:
     acct = await pg_account(pg)
     count = 40000
-    await pg.execute(
-        """
-        INSERT INTO api_keys (account_id, name, key_prefix, key_hash, scopes)
-        SELECT $1, 'bulk ' || i, 'wacrm_live_' || lpad(i::text, 8, '0'),
-               encode(sha256(('wacrm_live_' || lpad(i::text, 43, '0'))::bytea), 'hex'),
-               '{contacts:read}'
-        FROM generate_series(1, $2) i
-        """,
-        acct,
-        count,
-    )
+    await bulk_keys(pg, acct, count)
     plain = {i: "wacrm_live_" + str(i).zfill(43) for i in (1, 2, count)}
     r = redis_sync.Redis.from_url(redis_server.url)
     try:

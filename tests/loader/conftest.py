@@ -125,6 +125,21 @@ async def pg_account(pg: asyncpg.Connection, name: str | None = "Acme Inc") -> s
     return account_id
 
 
+async def bulk_keys(pg: asyncpg.Connection, acct: str, count: int) -> None:
+    """Insert *count* keys of *acct* in one statement; key i is ``wacrm_live_`` + i, zero-padded."""
+    await pg.execute(
+        """
+        INSERT INTO api_keys (account_id, name, key_prefix, key_hash, scopes)
+        SELECT $1, 'bulk ' || i, 'wacrm_live_' || lpad(i::text, 8, '0'),
+               encode(sha256(('wacrm_live_' || lpad(i::text, 43, '0'))::bytea), 'hex'),
+               '{contacts:read}'
+        FROM generate_series(1, $2) i
+        """,
+        acct,
+        count,
+    )
+
+
 async def pg_key(
     pg: asyncpg.Connection,
     account_id: str,

@@ -19,28 +19,12 @@ from loader.metrics import LoaderMetrics
 from loader.mirror import Mirror
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
-from tests.loader.conftest import ROOT, pg_account, settings_for
+from tests.loader.conftest import ROOT, bulk_keys, pg_account, settings_for
 from tests.loader.test_runner import eventually
 
 KS = Keyspace()
 #: How long a stop may take, start-up of the interpreter aside.
 STOP_WITHIN = 5.0
-
-
-async def bulk_keys(pg: asyncpg.Connection, count: int) -> None:
-    """Insert *count* keys in one statement, so a sync takes a while at a small batch size."""
-    acct = await pg_account(pg)
-    await pg.execute(
-        """
-        INSERT INTO api_keys (account_id, name, key_prefix, key_hash, scopes)
-        SELECT $1, 'bulk ' || i, 'wacrm_live_' || lpad(i::text, 8, '0'),
-               encode(sha256(('wacrm_live_' || lpad(i::text, 43, '0'))::bytea), 'hex'),
-               '{contacts:read}'
-        FROM generate_series(1, $2) i
-        """,
-        acct,
-        count,
-    )
 
 
 def start(command: str, *, source: str, redis_url: str) -> subprocess.Popen[str]:
@@ -83,7 +67,7 @@ async def writing(redis: Redis) -> bool:
 async def test_run_stopped_in_the_middle_of_a_reconcile_exits_0_quickly(
     sig: int, pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
 ) -> None:
-    await bulk_keys(pg, 40000)
+    await bulk_keys(pg, await pg_account(pg), 40000)
     proc = start("run", source=pg_dsn, redis_url=redis_server.url)
     await eventually(lambda: writing(redis), 30)
     assert await redis.get(KS.loaded) in (None, b"0"), "the reconcile was still running"
@@ -98,7 +82,7 @@ async def test_run_stopped_in_the_middle_of_a_reconcile_exits_0_quickly(
 async def test_run_stopped_while_following_changes_exits_0_quickly(
     pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
 ) -> None:
-    await bulk_keys(pg, 10)
+    await bulk_keys(pg, await pg_account(pg), 10)
     proc = start("run", source=pg_dsn, redis_url=redis_server.url)
 
     async def reconciled() -> bool:
@@ -114,7 +98,7 @@ async def test_run_stopped_while_following_changes_exits_0_quickly(
 async def test_sync_interrupted_exits_non_zero_without_a_traceback(
     sig: int, pg: asyncpg.Connection, pg_dsn: str, redis: Redis, redis_server: RedisServer
 ) -> None:
-    await bulk_keys(pg, 40000)
+    await bulk_keys(pg, await pg_account(pg), 40000)
     proc = start("sync", source=pg_dsn, redis_url=redis_server.url)
     await eventually(lambda: writing(redis), 30)
     status, out, took = await stopped(proc, sig)
