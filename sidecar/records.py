@@ -268,36 +268,62 @@ return 1
 """
 
 
-# The request path's one round trip: the record, and the key's rate limit counted in the same
-# step (only when the record exists, so 401s never count).
-# KEYS: record, rate.  ARGV: default limit, default window ms, [now in us, for tests].
-# Returns nil when there is no record, else {record, allowed 0/1, remaining, reset (Unix s),
-# retry after (s), limit}.  GCRA: a key may burst up to its limit, then earns one request
-# every window/limit; over any span of t the admitted count is at most limit * (1 + t/window).
+# The request path's one round trip, for every check of an event-loop tick at once: each key's
+# record, and its rate limit counted in the same step (only when the record exists, so 401s
+# never count).
+# KEYS: record 1, rate 1, record 2, rate 2, ...  (a key may appear more than once: each
+# occurrence is one request, counted in order).  ARGV: default limit, default window ms,
+# [now in us, for tests].  Returns six entries a pair, in one flat list: {record, allowed
+# 0/1, remaining, reset (Unix s), retry after (s), limit}, with record nil when there is
+# none; remaining is -1 for a key without a limit.  GCRA: a key may burst up to its limit,
+# then earns one request every window/limit; over any span of t the admitted count is at
+# most limit * (1 + t/window).  A key's new state is written once, after its last check.
 CHECK_SCRIPT = """
-local rec = redis.call('GET', KEYS[1])
-if not rec then return false end
-local lim, win = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
-lim = tonumber(lim or ARGV[1])
-win = tonumber(win or ARGV[2])
-if lim <= 0 then return {rec, 1, -1, 0, 0, 0} end
+local floor, ceil = math.floor, math.ceil
+local vals = redis.call('MGET', unpack(KEYS))
 local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tats = {}
+local out = {}
+for i = 1, #KEYS, 2 do
+  local n = #out
+  local rec = vals[i]
+  if not rec then
+    out[n + 1] = false
+    out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = 0, 0, 0, 0, 0
+  else
+    local lim, win = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
+    lim = tonumber(lim or ARGV[1])
+    win = tonumber(win or ARGV[2])
+    out[n + 1] = rec
+    if lim <= 0 then
+      out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = 1, -1, 0, 0, 0
+    else
+      if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+      end
+      local rk = KEYS[i + 1]
+      local window = win * 1000
+      local interval = math.max(1, floor(window / lim))
+      local tat = tats[rk] or tonumber(vals[i + 1]) or now
+      if tat < now then tat = now end
+      local new_tat = tat + interval
+      local allow_at = new_tat - window
+      if allow_at > now then
+        out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+          0, 0, ceil(tat / 1000000), ceil((allow_at - now) / 1000000), lim
+      else
+        tats[rk] = new_tat
+        out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+          1, floor((now + window - new_tat) / interval), ceil(new_tat / 1000000), 0, lim
+      end
+    end
+  end
 end
-local window = win * 1000
-local interval = math.max(1, math.floor(window / lim))
-local tat = tonumber(redis.call('GET', KEYS[2])) or now
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - window
-if allow_at > now then
-  return {rec, 0, 0, math.ceil(tat / 1000000), math.ceil((allow_at - now) / 1000000), lim}
+for rk, tat in pairs(tats) do
+  redis.call('SET', rk, tat, 'PX', ceil((tat - now) / 1000))
 end
-redis.call('SET', KEYS[2], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
-local remaining = math.floor((now + window - new_tat) / interval)
-return {rec, 1, remaining, math.ceil(new_tat / 1000000), 0, lim}
+return out
 """
 
 # KEYS: used.  Returns every (key id, ms) pair and empties the set, atomically.

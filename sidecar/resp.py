@@ -66,11 +66,13 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, command: bytes, fut: asyncio.Future[Any], now: float) -> None:
-        if not self.outbox:
+    def send(self, command: bytes, fut: asyncio.Future[Any], now: float, flush: bool) -> None:
+        if not self.outbox and not flush:
             asyncio.get_running_loop().call_soon(self.flush)
         self.outbox.append(command)
         self.pending.append((fut, now))
+        if flush:
+            self.flush()
 
     def flush(self) -> None:
         if self.outbox and self.transport is not None and not self.transport.is_closing():
@@ -128,17 +130,19 @@ class RespClient:
             raise RedisUnavailable("connection lost")
         return await fut
 
-    def send(self, *args: bytes | str | int) -> asyncio.Future[Any] | None:
+    def send(self, *args: bytes | str | int, flush: bool = False) -> asyncio.Future[Any] | None:
         """Send one command on the open connection and return the future of its reply.
 
-        Return None, sending nothing, when no connection is open.
+        The command is written when the event loop turns over, with the others of this tick;
+        *flush* writes it (and any waiting) now.  Return None, sending nothing, when no
+        connection is open.
         """
         proto = self._proto
         if proto is None:
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.send(encode_command(args), fut, loop.time())
+        proto.send(encode_command(args), fut, loop.time(), flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
         return fut
@@ -215,7 +219,7 @@ class RespClient:
                 futs = []
                 for args in setup:
                     fut: asyncio.Future[Any] = loop.create_future()
-                    proto.send(encode_command(args), fut, loop.time())
+                    proto.send(encode_command(args), fut, loop.time(), False)
                     futs.append(fut)
                 await asyncio.gather(*futs)
         except TimeoutError as e:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
 
 from sidecar.records import CHECK_SCRIPT, Keyspace, RateLimit
 from sidecar.resp import RedisTimeout, RedisUnavailable, ReplyError, RespClient
@@ -23,12 +24,12 @@ class StoreUnavailable(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """A found record and where its key stands against its rate limit."""
+class Lookup(NamedTuple):
+    """A found record and where its key stands against its rate limit, as the script says."""
 
     raw: bytes
-    allowed: bool
+    #: 1 when the request is within the limit, 0 when it is over.
+    allowed: int
     #: Requests left right now; -1 when the key has no limit.
     remaining: int
     #: Unix seconds at which the key's allowance is full again.
@@ -38,8 +39,21 @@ class Lookup:
     limit: int
 
 
+_Batch = list[tuple[str, asyncio.Future[Lookup | None]]]
+
+#: Most checks one script call carries.
+MAX_BATCH = 256
+
+
 class KeyStore:
-    """Look up key records through *client* under *keyspace*, counting *rate_limit*."""
+    """Look up key records through *client* under *keyspace*, counting *rate_limit*.
+
+    Checks travel in batches, one script call each, with at most one call in flight: the
+    checks asked for while Redis works on a call go together in the next, sent the moment it
+    answers (or when the event loop turns over, if none is in flight).  Redis runs the script
+    once for the whole batch, and each check still reads Redis after it was asked: batching
+    saves system calls and script runs, never a lookup.
+    """
 
     def __init__(
         self, client: RespClient, keyspace: Keyspace, rate_limit: RateLimit | None
@@ -48,28 +62,85 @@ class KeyStore:
         self.keyspace = keyspace
         limit = (rate_limit.limit, rate_limit.window_ms) if rate_limit else (0, 1)
         self._limit_args = (b"%d" % limit[0], b"%d" % limit[1])
+        self._queue: _Batch = []
+        self._busy = False  # a call is in flight, or one is due when the loop turns over
+        self._connecting: asyncio.Future[None] | None = None
 
-    async def check(self, key_hash: str) -> Lookup | None:
-        """Return the record of *key_hash* with its rate-limit verdict, or None if none."""
+    def check(self, key_hash: str) -> asyncio.Future[Lookup | None]:
+        """Return the future of *key_hash*'s record with its rate-limit verdict (None if none).
+
+        The future fails with `StoreUnavailable` when Redis does not answer, or not in time.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Lookup | None] = loop.create_future()
+        self._queue.append((key_hash, fut))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._send)
+        return fut
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if not batch:
+            self._busy = False
+            return
         ks = self.keyspace
-        args = (2, ks.record(key_hash), ks.rate(key_hash), *self._limit_args)
+        args: list[bytes | str | int] = [2 * len(batch)]
+        for key_hash, _ in batch:
+            args += (ks.record(key_hash), ks.rate(key_hash))
+        args += self._limit_args
+        reply = self.client.send(b"EVALSHA", _CHECK_SHA, *args, flush=True)
+        if reply is None:  # not connected: connect first, in a task of its own
+            self._connecting = asyncio.ensure_future(self._send_connecting(batch, args))
+        else:
+            reply.add_done_callback(partial(self._answer, batch, args, False))
+
+    async def _send_connecting(self, batch: _Batch, args: list[bytes | str | int]) -> None:
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            try:
-                reply = await self.client.execute(b"EVALSHA", _CHECK_SHA, *args)
-            except ReplyError as e:
-                if not str(e).startswith("NOSCRIPT"):
-                    raise
-                reply = await self.client.execute(b"EVAL", CHECK_SCRIPT, *args)
-        except RedisTimeout as e:
-            raise StoreUnavailable("timeout", str(e)) from e
-        except RedisUnavailable as e:
-            raise StoreUnavailable("connection", str(e)) from e
+            reply.set_result(await self.client.execute(b"EVALSHA", _CHECK_SHA, *args))
+        except Exception as e:  # handed to _answer, which turns it into refusals
+            reply.set_exception(e)
+        self._answer(batch, args, False, reply)
+
+    def _answer(
+        self, batch: _Batch, args: list[bytes | str | int], sent_script: bool, reply: Any
+    ) -> None:
+        try:
+            results = reply.result()
+            answers = [
+                None if results[i] is None else Lookup._make(results[i : i + 6])
+                for i in range(0, len(results), 6)
+            ]
+            if len(answers) != len(batch):
+                raise ValueError(f"{len(answers)} answers to {len(batch)} checks")
         except ReplyError as e:
-            raise StoreUnavailable("reply", str(e)) from e
-        if reply is None:
-            return None
-        raw, allowed, remaining, reset, retry_after, limit = reply
-        return Lookup(raw, allowed == 1, remaining, reset, retry_after, limit)
+            if str(e).startswith("NOSCRIPT") and not sent_script:
+                # Redis restarted or dropped its scripts: send the script itself, once.
+                retry = self.client.send(b"EVAL", CHECK_SCRIPT, *args, flush=True)
+                if retry is not None:
+                    retry.add_done_callback(partial(self._answer, batch, args, True))
+                    return
+            self._fail(batch, StoreUnavailable("reply", str(e)))
+        except RedisTimeout as e:
+            self._fail(batch, StoreUnavailable("timeout", str(e)))
+        except RedisUnavailable as e:
+            self._fail(batch, StoreUnavailable("connection", str(e)))
+        except (TypeError, ValueError, IndexError) as e:
+            self._fail(batch, StoreUnavailable("reply", f"unexpected reply: {e}"))
+        else:
+            for (_, fut), answer in zip(batch, answers, strict=True):
+                if not fut.done():
+                    fut.set_result(answer)
+            self._send()
+
+    def _fail(self, batch: _Batch, error: StoreUnavailable) -> None:
+        """Refuse *batch* and the checks queued behind it: Redis just failed them."""
+        queued, self._queue = self._queue, []
+        self._busy = False
+        for _, fut in batch + queued:
+            if not fut.done():
+                fut.set_exception(error)
 
     def touch(self, key_id: str, now_ms: int) -> None:
         """Note that *key_id* was used at *now_ms*, without waiting for Redis to answer."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 _MAX_TOUCHED = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What the gate decided: a refusal, or the key's record; and its rate-limit standing."""
 
     denial: Denial | None
@@ -65,31 +64,26 @@ class Verifier:
     async def verify(self, headers: CIMultiDictProxy[str], method: str, uri: str) -> Verdict:
         """Decide the request for *method* and *uri* that carries *headers*."""
         started = time.perf_counter()
-        verdict = await self._verify(headers, method, uri)
+        inspected = _inspect(headers, uri)
+        if isinstance(inspected, Denial):
+            verdict = Verdict(inspected)
+        else:
+            path, key_hash = inspected
+            try:
+                lookup = await self.store.check(key_hash)
+            except StoreUnavailable as e:
+                log.warning("redis unavailable, refusing: %s", e)
+                self.metrics.redis_errors.labels(e.kind).inc()
+                verdict = Verdict(decision.UNAVAILABLE)
+            else:
+                verdict = self._judge(lookup, method, path)
         d = verdict.denial
         status, reason = (200, "ok") if d is None else (d.status, d.reason)
         self.metrics.decided(status, reason, time.perf_counter() - started)
         return verdict
 
-    async def _verify(self, headers: CIMultiDictProxy[str], method: str, uri: str) -> Verdict:
-        if _carries_reserved_headers(headers):
-            return Verdict(decision.SPOOFED)
-        try:
-            path = normalise(uri)
-        except BadPath:
-            return Verdict(decision.BAD_PATH)
-        values = headers.getall("Authorization", ())
-        if not values:
-            return Verdict(decision.NO_CREDENTIAL)
-        key = key_from_authorization(values[0]) if len(values) == 1 else None
-        if key is None:
-            return Verdict(decision.MALFORMED)
-        try:
-            lookup = await self.store.check(hash_key(key))
-        except StoreUnavailable as e:
-            log.warning("redis unavailable, refusing: %s", e)
-            self.metrics.redis_errors.labels(e.kind).inc()
-            return Verdict(decision.UNAVAILABLE)
+    def _judge(self, lookup: Lookup | None, method: str, path: str) -> Verdict:
+        """Decide from what Redis holds for the key: record, expiry, rate limit, scope."""
         if lookup is None:
             return Verdict(decision.UNKNOWN)
         try:
@@ -118,8 +112,26 @@ class Verifier:
         self.store.touch(key_id, int(now * 1000))
 
 
+def _inspect(headers: CIMultiDictProxy[str], uri: str) -> Denial | tuple[str, str]:
+    """Check what the request carries by itself: the path and key hash, or why it is refused."""
+    if _carries_reserved_headers(headers):
+        return decision.SPOOFED
+    try:
+        path = normalise(uri)
+    except BadPath:
+        return decision.BAD_PATH
+    values = headers.getall("Authorization", ())
+    if not values:
+        return decision.NO_CREDENTIAL
+    key = key_from_authorization(values[0]) if len(values) == 1 else None
+    if key is None:
+        return decision.MALFORMED
+    return path, hash_key(key)
+
+
 def _carries_reserved_headers(headers: CIMultiDictProxy[str]) -> bool:
-    return any(name[:8].lower() in ("x-wacrm-", "x_wacrm_") for name in headers)
+    names = "\n" + "\n".join(headers).lower()
+    return "\nx-wacrm-" in names or "\nx_wacrm_" in names
 
 
 # Keyed by the stored bytes, version included: a rewritten record is a new entry, and every

@@ -24,7 +24,8 @@ async def _check(redis: Redis, now_us: int, default: tuple[int, int] = (120, 60_
     reply = await redis.eval(
         records.CHECK_SCRIPT, 2, KS.record(HASH), KS.rate(HASH), *default, now_us
     )
-    return reply  # type: ignore[no-any-return]
+    assert len(reply) == 6
+    return None if reply[0] is None else reply  # type: ignore[no-any-return]
 
 
 async def test_missing_record_is_not_counted(redis: Redis) -> None:
@@ -88,3 +89,52 @@ async def test_no_window_admits_twice_the_limit(redis: Redis, seed: int) -> None
             assert count <= 20 * (1 + span / window) + 1, (start, span, count)
         # The fixed-window failure: 2x the limit within a tenth of the window.
         assert sum(1 for a in admitted[i:] if a < start + window // 10) <= 20 + 2 + 1
+
+
+async def _check_many(redis: Redis, hashes: list[str], now_us: int) -> list:  # type: ignore[type-arg]
+    keys = [k for h in hashes for k in (KS.record(h), KS.rate(h))]
+    reply = await redis.eval(records.CHECK_SCRIPT, len(keys), *keys, 120, 60_000, now_us)
+    assert len(reply) == 6 * len(hashes)
+    return [None if reply[i] is None else reply[i : i + 6] for i in range(0, len(reply), 6)]
+
+
+async def test_one_call_answers_each_check_in_order(redis: Redis) -> None:
+    await _store(redis, RateLimit(3, 1000))
+    other = "ef" * 32
+    replies = await _check_many(redis, [HASH, other, HASH, HASH, HASH, other], 50 * SECOND)
+    assert replies[1] is None and replies[5] is None
+    assert await redis.exists(KS.rate(other)) == 0
+    # The same key four times in one call: four requests, counted in order.
+    mine = [replies[i] for i in (0, 2, 3, 4)]
+    assert [r[1] for r in mine] == [1, 1, 1, 0]
+    assert [r[2] for r in mine[:3]] == [2, 1, 0]
+    assert mine[3][4] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_batched_checks_count_as_the_same_checks_one_by_one(redis: Redis, seed: int) -> None:
+    rng = random.Random(seed)
+    hashes = [f"{i:02x}" * 32 for i in range(4)]
+    plan: list[tuple[int, list[str]]] = []
+    t = 1_000 * SECOND
+    for _ in range(60):
+        t += rng.choice([0, 10, 50_000, 300_000])
+        plan.append((t, [rng.choice(hashes) for _ in range(rng.randint(1, 8))]))
+
+    async def run(batched: bool) -> list:  # type: ignore[type-arg]
+        await redis.flushdb()
+        for i, h in enumerate(hashes):
+            rec = KeyRecord(f"k{i}", "a", None, "p", (), None, RateLimit(5, 1000))
+            await redis.set(KS.record(h), records.encode(rec, version=1))
+        out = []
+        for now, batch in plan:
+            if batched:
+                out += await _check_many(redis, batch, now)
+            else:
+                for h in batch:
+                    out += await _check_many(redis, [h], now)
+        return out
+
+    one_by_one = await run(batched=False)
+    assert sum(r[1] for r in one_by_one) < len(one_by_one)  # some refused: the limit bites
+    assert await run(batched=True) == one_by_one

@@ -1,0 +1,121 @@
+"""Key lookups from the request path, batched per event-loop tick, on the session's real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar import records
+from sidecar.records import KeyRecord, Keyspace, RateLimit
+from sidecar.resp import RespClient
+from sidecar.store import MAX_BATCH, KeyStore, StoreUnavailable
+from tests.conftest import RedisServer
+
+KS = Keyspace()
+
+
+async def _put(redis: Redis, key_hash: str, key_id: str) -> None:
+    rec = KeyRecord(key_id, "acct", None, "p", ("contacts:read",), None)
+    await redis.set(KS.record(key_hash), records.encode(rec, version=1))
+
+
+async def _ready(redis: Redis, store: KeyStore, key_hash: str) -> None:
+    """Store a record for *key_hash*, check it once (connected, script loaded), zero the stats."""
+    await _put(redis, key_hash, "k")
+    assert await store.check(key_hash) is not None
+    await redis.config_resetstat()
+
+
+async def _evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> KeyStore:
+    client = RespClient(redis_server.url, timeout=2)
+    yield KeyStore(client, KS, RateLimit(1000, 60_000))  # type: ignore[misc]
+    await client.aclose()
+
+
+async def test_checks_of_one_tick_travel_in_one_call(redis: Redis, store: KeyStore) -> None:
+    hashes = [f"{i:064x}" for i in range(50)]
+    for i, h in enumerate(hashes[:25]):
+        await _put(redis, h, f"key-{i}")
+    assert await store.check(hashes[0]) is not None  # connected, script loaded
+    await redis.config_resetstat()
+
+    lookups = await asyncio.gather(*(store.check(h) for h in hashes))
+
+    assert await _evalsha_calls(redis) == 1
+    for i, lookup in enumerate(lookups):
+        if i < 25:
+            assert lookup is not None and lookup.allowed
+            assert records.decode(lookup.raw).key_id == f"key-{i}"
+        else:
+            assert lookup is None
+
+
+async def test_a_large_tick_is_split_into_calls_of_at_most_max_batch(
+    redis: Redis, store: KeyStore
+) -> None:
+    h = "ab" * 32
+    await _ready(redis, store, h)
+
+    lookups = await asyncio.gather(*(store.check(h) for _ in range(MAX_BATCH * 2 + 1)))
+
+    assert await _evalsha_calls(redis) == 3
+    remaining = sorted(lk.remaining for lk in lookups if lk is not None)
+    assert remaining == list(range(1000 - 2 - MAX_BATCH * 2, 1000 - 1))  # each one counted
+
+
+async def test_a_flushed_script_cache_is_refilled(redis: Redis, store: KeyStore) -> None:
+    h = "cd" * 32
+    await _put(redis, h, "k")
+    assert await store.check(h) is not None
+    await redis.script_flush()
+
+    lookups = await asyncio.gather(store.check(h), store.check("00" * 32))
+
+    assert lookups[0] is not None and lookups[1] is None
+
+
+async def test_every_check_of_a_failed_call_is_refused(
+    redis: Redis, store: KeyStore, redis_server: RedisServer
+) -> None:
+    h = "ef" * 32
+    await _put(redis, h, "k")
+    assert await store.check(h) is not None
+    redis_server.stop()
+    try:
+        results = await asyncio.gather(*(store.check(h) for _ in range(5)), return_exceptions=True)
+    finally:
+        redis_server.start()
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    # And the next check connects again.
+    fresh = Redis.from_url(redis_server.url)
+    try:
+        await _put(fresh, h, "k")
+        assert await store.check(h) is not None
+    finally:
+        await fresh.aclose()
+
+
+async def test_checks_asked_while_a_call_is_in_flight_go_in_the_next(
+    redis: Redis, store: KeyStore
+) -> None:
+    h = "12" * 32
+    await _ready(redis, store, h)
+    await redis.execute_command("CLIENT", "PAUSE", "300", "ALL")  # hold the first call
+
+    first = store.check(h)
+    later = []
+    for _ in range(5):  # five more ticks while the first call waits in Redis
+        await asyncio.sleep(0.02)
+        later.append(store.check(h))
+    lookups = await asyncio.gather(first, *later)
+
+    assert all(lk is not None and lk.allowed for lk in lookups)
+    assert await _evalsha_calls(redis) == 2
