@@ -1,13 +1,22 @@
-"""The floor: an aiohttp ``/auth`` that answers 200 and does nothing, run like the sidecar."""
+"""The floor: an aiohttp ``/auth`` that answers 200 and does nothing, run like the sidecar.
+
+With ``--redis-url`` it does one thing: it awaits one Redis GET per request, through the
+sidecar's own client, before answering.  That measures what a single Redis round trip costs
+on its own, next to which the gate's checks can be read.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
+
+from sidecar.resp import RespClient
+
+client_key = web.AppKey("client", RespClient)
 
 
 async def ok(request: web.Request) -> web.Response:
@@ -15,10 +24,26 @@ async def ok(request: web.Request) -> web.Response:
     return web.Response()
 
 
-def create_app() -> web.Application:
-    """Build the floor app with the sidecar's parser limits."""
+async def ok_after_get(request: web.Request) -> web.Response:
+    """Let every request through, once Redis has answered one GET."""
+    await request.app[client_key].execute(b"GET", b"wacrm-bench:floor")
+    return web.Response()
+
+
+def create_app(redis_url: str | None = None) -> web.Application:
+    """Build the floor app with the sidecar's parser limits; with *redis_url*, one GET each."""
     app = web.Application(handler_args={"max_field_size": 32768, "max_line_size": 32768})
-    app.router.add_route("*", "/auth", ok)
+    if redis_url is None:
+        app.router.add_route("*", "/auth", ok)
+        return app
+
+    async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[client_key] = RespClient(redis_url, timeout=1.0)
+        yield
+        await app[client_key].aclose()
+
+    app.cleanup_ctx.append(client_ctx)
+    app.router.add_route("*", "/auth", ok_after_get)
     return app
 
 
@@ -28,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--reuse-port", action="store_true", help="share the port (workers)")
+    parser.add_argument("--redis-url", help="await one GET on this Redis per request")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -36,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(
-        create_app(),
+        create_app(args.redis_url),
         host=args.host,
         port=args.port,
         reuse_port=args.reuse_port or None,

@@ -1,9 +1,11 @@
 """Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
 
-Run ``.venv/bin/python bench/gate.py --help``.  Five cases, each through nginx with one worker:
+Run ``.venv/bin/python bench/gate.py --help``.  Six cases, each through nginx with one worker:
 
 ceiling        nginx proxies to the upstream, no auth at all
 floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py)
+floor + GET    the same handler awaiting one Redis GET through the sidecar's Redis client
+               first: what one round trip to Redis costs by itself, with no checks at all
 gate, valid    the real sidecar, a real key in Redis, identity injected upstream
 gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
 gate, garbage  Authorization values that fail the format check
@@ -96,7 +98,7 @@ class Bench:
         try:
             cases = self._start()
             if self.args.soak:
-                self._soak(cases[2])
+                self._soak(next(c for c in cases if c.name == "gate, valid key"))
             else:
                 self._measure(cases)
         finally:
@@ -132,36 +134,29 @@ class Bench:
         self._spawn(sidecar)
         self.sidecar = sidecar
 
-        floor_port = procs.free_port()
-        floors = [
-            procs.Process(
-                [sys.executable, "-m", "bench.floor", "--port", str(floor_port)]
-                + (["--reuse-port"] if workers > 1 else []),
-                port=floor_port,
-                log=self.workdir / f"floor-{i}.log",
-                env={**os.environ, **env},
-            )
-            for i in range(workers)
-        ]
-        for f in floors:
-            self._spawn(f)
+        floors = self._floors(workers, env)
+        get_floors = self._floors(workers, env, redis_url=redis_url)
 
         gate_ports = stack.NginxPorts(
             procs.free_port(), sidecar.port, procs.free_port(), procs.free_port()
         )
-        floor_ports = stack.NginxPorts(procs.free_port(), floor_port, procs.free_port())
+        floor_ports = stack.NginxPorts(procs.free_port(), floors[0].port, procs.free_port())
+        get_ports = stack.NginxPorts(procs.free_port(), get_floors[0].port, procs.free_port())
         gate_nginx = stack.nginx(self.workdir / "nginx-gate", gate_ports)
         floor_nginx = stack.nginx(self.workdir / "nginx-floor", floor_ports)
-        self._spawn(gate_nginx)
-        self._spawn(floor_nginx)
+        get_nginx = stack.nginx(self.workdir / "nginx-floor-get", get_ports)
+        for n in (gate_nginx, floor_nginx, get_nginx):
+            self._spawn(n)
         if workers > 1:
             time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
 
         self.redis_pids = [_pid(redis)]
         sidecar_pids = [_pid(sidecar)]
         floor_pids = [_pid(f) for f in floors]
+        get_pids = [_pid(f) for f in get_floors]
         gate_nginx_pids = [_pid(gate_nginx)]
         floor_nginx_pids = [_pid(floor_nginx)]
+        get_nginx_pids = [_pid(get_nginx)]
         bearer = f"Bearer {key}"
         unknown = [f"Bearer {apikeys.mint().plaintext}" for _ in range(UNKNOWN_POOL)]
         assert gate_ports.ceiling is not None
@@ -169,6 +164,8 @@ class Bench:
             Case("ceiling (no auth)", gate_ports.ceiling, 200, [bearer], [], gate_nginx_pids),
             Case("floor (200-only aiohttp)", floor_ports.listen, 200, [bearer], floor_pids,
                  floor_nginx_pids),
+            Case("floor + one Redis GET", get_ports.listen, 200, [bearer], get_pids,
+                 get_nginx_pids),
             Case("gate, valid key", gate_ports.listen, 200, [bearer], sidecar_pids,
                  gate_nginx_pids),
             Case("gate, unknown keys", gate_ports.listen, 401, unknown, sidecar_pids,
@@ -186,6 +183,27 @@ class Bench:
             )
             _preflight(case, account_id=ACCOUNT_ID if "valid" in case.name else None)
         return cases
+
+    def _floors(
+        self, workers: int, env: dict[str, str], *, redis_url: str | None = None
+    ) -> list[procs.Process]:
+        """Start the floor app, one process a worker sharing a port; with *redis_url*, a GET."""
+        port = procs.free_port()
+        name = "floor-get" if redis_url else "floor"
+        floors = [
+            procs.Process(
+                [sys.executable, "-m", "bench.floor", "--port", str(port)]
+                + (["--reuse-port"] if workers > 1 else [])
+                + (["--redis-url", redis_url] if redis_url else []),
+                port=port,
+                log=self.workdir / f"{name}-{i}.log",
+                env={**os.environ, **env},
+            )
+            for i in range(workers)
+        ]
+        for f in floors:
+            self._spawn(f)
+        return floors
 
     def _measure(self, cases: list[Case]) -> None:
         a = self.args
@@ -294,7 +312,7 @@ class Bench:
         mode = (
             f"{a.soak:g} s soak of the valid-key case"
             if a.soak
-            else f"{a.rounds} round(s) of the 5 cases, order rotated each round, {a.duration:g} s"
+            else f"{a.rounds} round(s) of the 6 cases, order rotated each round, {a.duration:g} s"
             f" a run after a {a.warmup:g} s warm-up; the median round is shown"
         )
         return "\n".join(
@@ -478,7 +496,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds a run (default 10)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the 5 cases (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of all the cases (default 3)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per case first (default 2)")
     p.add_argument(
         "--workers", type=int, default=1, help="sidecar processes, as WACRM_WORKERS (default 1)"

@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-def test_harness_prints_five_cases_with_positive_rates_and_no_errors() -> None:
+def test_harness_prints_six_cases_with_positive_rates_and_no_errors() -> None:
     out = subprocess.run(
         [sys.executable, "bench/gate.py", "--duration", "1", "--rounds", "1", "--warmup", "0",
          "--connections", "4"],
@@ -34,6 +34,7 @@ def test_harness_prints_five_cases_with_positive_rates_and_no_errors() -> None:
     assert [row[0] for row in rows] == [
         "ceiling (no auth)",
         "floor (200-only aiohttp)",
+        "floor + one Redis GET",
         "gate, valid key",
         "gate, unknown keys",
         "gate, garbage",
