@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from functools import lru_cache
@@ -12,7 +11,7 @@ from aiohttp import web
 
 from sidecar import decision
 from sidecar.decision import Denial
-from sidecar.metrics import Metrics, MetricsBusy
+from sidecar.metrics import Metrics
 from sidecar.records import Keyspace
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
@@ -29,9 +28,6 @@ SCOPES_HEADER = "X-Wacrm-Scopes"
 STATUS_HEADER = "X-Wacrm-Status"
 ERROR_HEADER = "X-Wacrm-Error"
 CHALLENGE_HEADER = "X-Wacrm-Challenge"
-
-#: Reads of the workers' metrics files before /metrics gives up with a 500.
-_METRICS_TRIES = 5
 
 settings_key = web.AppKey("settings", Settings)
 metrics_key = web.AppKey("metrics", Metrics)
@@ -129,16 +125,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Expose the metrics in Prometheus's text format."""
-    for _ in range(_METRICS_TRIES - 1):
-        try:
-            body = request.app[metrics_key].exposition()
-            break
-        except MetricsBusy:
-            await asyncio.sleep(0.01)
-    else:
-        body = request.app[metrics_key].exposition()
     return web.Response(
-        body=body,
+        body=request.app[metrics_key].exposition(),
         content_type="text/plain",
         charset="utf-8",
         headers={"Cache-Control": "no-store"},

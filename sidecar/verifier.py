@@ -73,7 +73,7 @@ class Verifier:
                 lookup = await self.store.check(key_hash)
             except StoreUnavailable as e:
                 log.warning("redis unavailable, refusing: %s", e)
-                self.metrics.redis_errors.labels(e.kind).inc()
+                self.metrics.redis_error(e.kind)
                 verdict = Verdict(decision.UNAVAILABLE)
             else:
                 verdict = self._judge(lookup, method, path)
