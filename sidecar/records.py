@@ -268,9 +268,8 @@ return 1
 """
 
 
-# The request path's one round trip, for every check of an event-loop tick at once: each key's
-# record, and its rate limit counted in the same step (only when the record exists, so 401s
-# never count).
+# The request path's one round trip, for a batch of checks at once: each key's record, and
+# its rate limit counted in the same step (only when the record exists, so 401s never count).
 # KEYS: record 1, rate 1, record 2, rate 2, ...  (a key may appear more than once: each
 # occurrence is one request, counted in order).  ARGV: default limit, default window ms,
 # [now in us, for tests].  Returns six entries a pair, in one flat list: {record, allowed
@@ -279,24 +278,23 @@ return 1
 # then earns one request every window/limit; over any span of t the admitted count is at
 # most limit * (1 + t/window).  A key's new state is written once, after its last check.
 CHECK_SCRIPT = """
-local floor, ceil = math.floor, math.ceil
+local floor, ceil, tonumber = math.floor, math.ceil, tonumber
 local vals = redis.call('MGET', unpack(KEYS))
 local now = tonumber(ARGV[3])
+local dlim, dwin = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tats = {}
 local out = {}
+local n = 0
 for i = 1, #KEYS, 2 do
-  local n = #out
   local rec = vals[i]
   if not rec then
-    out[n + 1] = false
-    out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = 0, 0, 0, 0, 0
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = false, 0, 0, 0, 0, 0
   else
-    local lim, win = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
-    lim = tonumber(lim or ARGV[1])
-    win = tonumber(win or ARGV[2])
-    out[n + 1] = rec
+    local lim, win = dlim, dwin
+    local l, w = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
+    if l then lim, win = tonumber(l), tonumber(w) end
     if lim <= 0 then
-      out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = 1, -1, 0, 0, 0
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = rec, 1, -1, 0, 0, 0
     else
       if not now then
         local t = redis.call('TIME')
@@ -304,21 +302,23 @@ for i = 1, #KEYS, 2 do
       end
       local rk = KEYS[i + 1]
       local window = win * 1000
-      local interval = math.max(1, floor(window / lim))
+      local interval = floor(window / lim)
+      if interval < 1 then interval = 1 end
       local tat = tats[rk] or tonumber(vals[i + 1]) or now
       if tat < now then tat = now end
       local new_tat = tat + interval
       local allow_at = new_tat - window
       if allow_at > now then
-        out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
-          0, 0, ceil(tat / 1000000), ceil((allow_at - now) / 1000000), lim
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+          rec, 0, 0, ceil(tat / 1000000), ceil((allow_at - now) / 1000000), lim
       else
         tats[rk] = new_tat
-        out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
-          1, floor((now + window - new_tat) / interval), ceil(new_tat / 1000000), 0, lim
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+          rec, 1, floor((now + window - new_tat) / interval), ceil(new_tat / 1000000), 0, lim
       end
     end
   end
+  n = n + 6
 end
 for rk, tat in pairs(tats) do
   redis.call('SET', rk, tat, 'PX', ceil((tat - now) / 1000))
