@@ -1,12 +1,13 @@
 """Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
 
-Run ``.venv/bin/python bench/gate.py --help``.  Six cases, each through nginx with one worker:
+Run ``.venv/bin/python bench/gate.py --help``.  Seven cases, each through nginx with one worker:
 
 ceiling        nginx proxies to the upstream, no auth at all
 floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py)
 floor + GET    the same handler awaiting one Redis GET through the sidecar's Redis client
                first: what one round trip to Redis costs by itself, with no checks at all
 gate, valid    the real sidecar, a real key in Redis, identity injected upstream
+gate, 1,000    the same with 1,000 valid keys in turn, so each check in a batch is another key
 gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
 gate, garbage  Authorization values that fail the format check
 
@@ -45,6 +46,7 @@ from sidecar import apikeys, records
 ACCOUNT_ID = "7a1d6c1e-0000-4000-8000-000000000001"
 KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 UNKNOWN_POOL = 10_000
+VALID_POOL = 1_000
 SAMPLE_EVERY = 10.0
 GARBAGE = (
     "Bearer not-a-wacrm-key",
@@ -111,7 +113,7 @@ class Bench:
         redis = procs.redis_server(self.workdir)
         self._spawn(redis)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
-        key = _put_key(redis_url)
+        key, *many = _put_keys(redis_url, 1 + VALID_POOL)
 
         sidecar_help = _sidecar_help()
         workers = a.workers
@@ -158,6 +160,7 @@ class Bench:
         floor_nginx_pids = [_pid(floor_nginx)]
         get_nginx_pids = [_pid(get_nginx)]
         bearer = f"Bearer {key}"
+        valid_many = [f"Bearer {k}" for k in many]
         unknown = [f"Bearer {apikeys.mint().plaintext}" for _ in range(UNKNOWN_POOL)]
         assert gate_ports.ceiling is not None
         cases = [
@@ -168,6 +171,8 @@ class Bench:
                  get_nginx_pids),
             Case("gate, valid key", gate_ports.listen, 200, [bearer], sidecar_pids,
                  gate_nginx_pids),
+            Case(f"gate, {VALID_POOL:,} valid keys", gate_ports.listen, 200, valid_many,
+                 sidecar_pids, gate_nginx_pids),
             Case("gate, unknown keys", gate_ports.listen, 401, unknown, sidecar_pids,
                  gate_nginx_pids),
             Case("gate, garbage", gate_ports.listen, 401, GARBAGE, sidecar_pids,
@@ -312,7 +317,7 @@ class Bench:
         mode = (
             f"{a.soak:g} s soak of the valid-key case"
             if a.soak
-            else f"{a.rounds} round(s) of the 6 cases, order rotated each round, {a.duration:g} s"
+            else f"{a.rounds} round(s) of the 7 cases, order rotated each round, {a.duration:g} s"
             f" a run after a {a.warmup:g} s warm-up; the median round is shown"
         )
         return "\n".join(
@@ -395,23 +400,27 @@ def _errors(case: Case) -> str:
     return ", ".join(f"{n:,} x {what}" for what, n in sorted(counts.items()))
 
 
-def _put_key(redis_url: str) -> str:
-    """Store a key with the route's scope the way the loader does; return its plaintext."""
-    minted = apikeys.mint()
-    record = records.KeyRecord(
-        KEY_ID, ACCOUNT_ID, "Bench Inc", minted.key_prefix, (stack.SCOPE,), None
-    )
+def _put_keys(redis_url: str, count: int) -> list[str]:
+    """Store *count* keys with the route's scope the way the loader does; return them."""
     keyspace = records.Keyspace()
     version = int(time.time() * 1000)
+    plaintexts = []
     with redis_sync.Redis.from_url(redis_url) as r:
         put = r.register_script(records.PUT_SCRIPT)
-        written = put(
-            keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
-            args=[records.encode(record, version=version), version, ""],
-        )
-    if written != 1:
-        raise RuntimeError("the key record was not written")
-    return minted.plaintext
+        for i in range(count):
+            minted = apikeys.mint()
+            key_id = KEY_ID if i == 0 else f"{KEY_ID[:-6]}{i:06d}"
+            record = records.KeyRecord(
+                key_id, ACCOUNT_ID, "Bench Inc", minted.key_prefix, (stack.SCOPE,), None
+            )
+            written = put(
+                keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
+                args=[records.encode(record, version=version), version, ""],
+            )
+            if written != 1:
+                raise RuntimeError("a key record was not written")
+            plaintexts.append(minted.plaintext)
+    return plaintexts
 
 
 def _preflight(case: Case, *, account_id: str | None) -> None:

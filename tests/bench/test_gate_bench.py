@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-def test_harness_prints_six_cases_with_positive_rates_and_no_errors() -> None:
+def test_harness_prints_seven_cases_with_positive_rates_and_no_errors() -> None:
     out = subprocess.run(
         [sys.executable, "bench/gate.py", "--duration", "1", "--rounds", "1", "--warmup", "0",
          "--connections", "4"],
@@ -36,6 +36,7 @@ def test_harness_prints_six_cases_with_positive_rates_and_no_errors() -> None:
         "floor (200-only aiohttp)",
         "floor + one Redis GET",
         "gate, valid key",
+        "gate, 1,000 valid keys",
         "gate, unknown keys",
         "gate, garbage",
     ]

@@ -119,3 +119,29 @@ async def test_checks_asked_while_a_call_is_in_flight_go_in_the_next(
 
     assert all(lk is not None and lk.allowed for lk in lookups)
     assert await _evalsha_calls(redis) == 2
+
+
+async def test_a_check_asked_after_a_deletion_never_sees_the_record(
+    redis: Redis, store: KeyStore
+) -> None:
+    """Batching saves round trips, never a read: under a flood of checks, none asked after
+    the record's deletion was acknowledged finds it."""
+    h = "34" * 32
+    await _put(redis, h, "k")
+    stop = asyncio.Event()
+
+    async def flood() -> int:
+        seen = 0
+        while not stop.is_set():
+            seen += sum(
+                lk is not None for lk in await asyncio.gather(*(store.check(h) for _ in range(20)))
+            )
+        return seen
+
+    floods = [asyncio.create_task(flood()) for _ in range(4)]
+    await asyncio.sleep(0.1)
+    await redis.delete(KS.record(h))
+    after = await asyncio.gather(*(store.check(h) for _ in range(50)))
+    stop.set()
+    assert sum(await asyncio.gather(*floods)) > 0  # the flood did see the record before
+    assert after == [None] * 50
