@@ -69,16 +69,9 @@ async def test_nothing_listening_is_unavailable() -> None:
         await client.execute("PING")
 
 
-async def test_silent_server_fails_every_command_within_the_timeout() -> None:
+async def test_silent_server_fails_every_command_within_the_timeout(silent_redis_url: str) -> None:
     """A server that accepts and never answers: every command in flight fails, none hangs."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    client = RespClient(silent_redis_url, timeout=0.2)
     started = time.monotonic()
     results = await asyncio.gather(
         *(client.execute("GET", "k") for _ in range(20)), return_exceptions=True
@@ -86,10 +79,6 @@ async def test_silent_server_fails_every_command_within_the_timeout() -> None:
     elapsed = time.monotonic() - started
     assert all(isinstance(r, RedisUnavailable) for r in results)
     assert elapsed < 1.0
-    for w in accepted:
-        w.close()
-    server.close()
-    await server.wait_closed()
     await client.aclose()
 
 

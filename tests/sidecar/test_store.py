@@ -145,3 +145,23 @@ async def test_a_check_asked_after_a_deletion_never_sees_the_record(
     stop.set()
     assert sum(await asyncio.gather(*floods)) > 0  # the flood did see the record before
     assert after == [None] * 50
+
+
+async def test_a_silent_redis_refuses_the_call_in_flight_and_the_checks_behind_it(
+    silent_redis_url: str,
+) -> None:
+    """Redis accepts and never answers: the checks in flight and those queued behind them
+    all fail as timeouts, within the timeout, and none hangs."""
+    client = RespClient(silent_redis_url, timeout=0.3)
+    store = KeyStore(client, KS, RateLimit(10, 1000))
+    try:
+        started = asyncio.get_running_loop().time()
+        first = [store.check("56" * 32) for _ in range(3)]
+        await asyncio.sleep(0.1)  # the first call is in flight; these wait behind it
+        behind = [store.check("56" * 32) for _ in range(3)]
+        results = await asyncio.gather(*first, *behind, return_exceptions=True)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert [getattr(r, "kind", r) for r in results] == ["timeout"] * 6
+        assert elapsed < 1.0
+    finally:
+        await client.aclose()
