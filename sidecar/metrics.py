@@ -18,8 +18,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-#: The folder the supervisor gives its workers for their counts.
+#: The folder the supervisor gives its workers for their counts (a temporary one unless set).
 MULTIPROC_ENV = "WACRM_METRICS_DIR"
+#: The names of the workers' count files in that folder.
+COUNTS_GLOB = "gate-*.counts"
 
 OUTCOMES = {
     200: "allowed",
@@ -103,7 +105,7 @@ class Metrics:
         if self.directory is None:
             return list(self._counts)
         total = [0] * _SLOTS
-        for path in self.directory.glob("gate-*.counts"):
+        for path in self.directory.glob(COUNTS_GLOB):
             try:
                 data = path.read_bytes()
             except OSError:  # a worker's file went away: nothing to add

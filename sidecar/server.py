@@ -12,13 +12,14 @@ import signal
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from aiohttp import web
 
 from sidecar.app import create_app
 from sidecar.logs import log_config
-from sidecar.metrics import MULTIPROC_ENV
+from sidecar.metrics import COUNTS_GLOB, MULTIPROC_ENV
 from sidecar.settings import Settings
 
 log = logging.getLogger("sidecar")
@@ -56,7 +57,10 @@ def supervise(settings: Settings) -> int:
     stopping = False
     # Workers count into files here, so /metrics on any of them shows the sum of all.
     metrics_dir = None
-    if MULTIPROC_ENV not in os.environ:
+    if MULTIPROC_ENV in os.environ:  # a folder of the operator's: start the counts anew
+        for old in Path(os.environ[MULTIPROC_ENV]).glob(COUNTS_GLOB):
+            old.unlink(missing_ok=True)
+    else:
         metrics_dir = tempfile.mkdtemp(prefix="wacrm-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
 

@@ -16,6 +16,7 @@ import pytest
 
 from demo import procs
 from sidecar import apikeys
+from sidecar.metrics import Metrics
 from sidecar.settings import OPTIONS
 from tests.conftest import RedisServer
 from tests.e2e import rawhttp
@@ -64,7 +65,19 @@ def test_workers_share_the_port_and_stop_on_sigterm(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     redis_server.start()
-    sidecar = procs.sidecar(tmp_path, redis_url=redis_server.url, extra_env={"WACRM_WORKERS": "2"})
+    # A folder of the operator's for the counts, holding an earlier run's: they start anew.
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    stale = Metrics(counts)
+    for _ in range(1000):
+        stale.decided(401, "missing", 0.001)
+    del stale
+    assert list(counts.glob("gate-*.counts"))
+    sidecar = procs.sidecar(
+        tmp_path,
+        redis_url=redis_server.url,
+        extra_env={"WACRM_WORKERS": "2", "WACRM_METRICS_DIR": str(counts)},
+    )
     sidecar.start()
     assert sidecar.proc is not None
     try:
