@@ -1,10 +1,10 @@
 """A lean pipelined Redis client for the request path.
 
-Every lookup is written to one long-lived connection as soon as the event loop turns over, so
-the lookups of one tick travel in one write, and replies are matched to requests in order
-(Redis answers a connection's commands in the order it received them).  hiredis parses.  A
-per-command await through a general-purpose client costs several times more CPU than the
-request itself; this costs a few microseconds.
+Every command is written to one long-lived connection as soon as the event loop turns over
+(or at once, when asked), so the commands of one tick travel in one write, and replies are
+matched to commands in order (Redis answers a connection's commands in the order it received
+them).  hiredis parses.  A per-command await through a general-purpose client costs several
+times more CPU than the request itself; this costs a few microseconds.
 
 It fails closed: a connection error, or any reply later than *timeout*, fails every command
 in flight and drops the connection; the next command connects again.
