@@ -99,6 +99,10 @@ class KeyStore:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             reply.set_result(await self.client.execute(b"EVALSHA", _CHECK_SHA, *args))
+        except asyncio.CancelledError:  # the sidecar is stopping: refuse, then stop
+            reply.set_exception(RedisUnavailable("stopping"))
+            self._answer(batch, args, False, reply)
+            raise
         except Exception as e:  # handed to _answer, which turns it into refusals
             reply.set_exception(e)
         self._answer(batch, args, False, reply)
@@ -126,8 +130,8 @@ class KeyStore:
             self._fail(batch, StoreUnavailable("timeout", str(e)))
         except RedisUnavailable as e:
             self._fail(batch, StoreUnavailable("connection", str(e)))
-        except (TypeError, ValueError, IndexError) as e:
-            self._fail(batch, StoreUnavailable("reply", f"unexpected reply: {e}"))
+        except Exception as e:  # a reply of another shape: refuse, and stay usable
+            self._fail(batch, StoreUnavailable("reply", f"unexpected reply: {e!r}"))
         else:
             for (_, fut), answer in zip(batch, answers, strict=True):
                 if not fut.done():

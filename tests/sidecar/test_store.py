@@ -165,3 +165,28 @@ async def test_a_silent_redis_refuses_the_call_in_flight_and_the_checks_behind_i
         assert elapsed < 1.0
     finally:
         await client.aclose()
+
+
+class _OddClient:
+    """A client whose first reply has a shape the script never sends, then a good one."""
+
+    def __init__(self, good: list[object]) -> None:
+        self.replies: list[object] = [RuntimeError("odd"), good]
+
+    def send(self, *args: object, flush: bool = False) -> asyncio.Future[object]:
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
+        return fut
+
+
+async def test_an_unexpected_failure_refuses_its_batch_and_leaves_the_store_usable() -> None:
+    store = KeyStore(_OddClient([None, 0, 0, 0, 0, 0]), KS, None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable) as refused:
+        await asyncio.wait_for(store.check("78" * 32), 2)
+    assert refused.value.kind == "reply"
+    # The next batch goes out and is answered.
+    assert await asyncio.wait_for(store.check("78" * 32), 2) is None
