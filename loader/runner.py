@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from loader.limits import load_limits
+from loader.limits import LimitsError, load_limits
 from loader.metrics import LoaderMetrics, serving
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import Report, reconcile, refresh
@@ -18,7 +19,7 @@ from loader.rows import KeyRules
 from loader.settings import Settings
 from loader.source import ChangeFeed, Source, SourceUnavailable, open_source
 from sidecar.records import Keyspace
-from sidecar.routes import load_policy
+from sidecar.routes import PolicyError, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,50 @@ async def run(settings: Settings, metrics: LoaderMetrics | None = None) -> None:
     """Keep Redis equal to the key table until cancelled, reconnecting when either goes away.
 
     Record what it does in *metrics*, served over HTTP when the metrics_port setting is set.
+    On SIGHUP, read the rate-limits and route files again (see `Rules.reload`).
     """
     metrics = metrics or LoaderMetrics()
+    rules = Rules(settings)
+    loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
             await stack.enter_async_context(
                 serving(metrics, settings.metrics_host, settings.metrics_port)
             )
-        await _follow(settings, metrics)
+        loop.add_signal_handler(signal.SIGHUP, rules.reload)
+        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+        await _follow(settings, rules, metrics)
 
 
-async def _follow(settings: Settings, metrics: LoaderMetrics) -> None:
-    rules = key_rules(settings)
+class Rules:
+    """The rules `run` applies, which SIGHUP reads again from their files."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.current = key_rules(settings)
+        #: Set to ask the running session for a full reconcile under new rules.
+        self.due: asyncio.Event | None = None
+
+    def reload(self) -> None:
+        """Read the rate-limits and route files again; reconcile in full if they changed.
+
+        A file that cannot be read or parsed is logged, and the rules in force are kept.
+        """
+        try:
+            rules = key_rules(self.settings)
+        except (LimitsError, PolicyError) as e:
+            log.error("reload refused, keeping the rules in force: %s", e)
+            return
+        if rules == self.current:
+            log.info("reload: the rate limits and route scopes are unchanged")
+            return
+        self.current = rules
+        log.info("reload: new rate limits or route scopes; reconciling in full")
+        if self.due is not None:
+            self.due.set()
+
+
+async def _follow(settings: Settings, rules: Rules, metrics: LoaderMetrics) -> None:
     backoff = _Backoff(settings.retry_max)
     failed = False
     while True:
@@ -94,7 +127,7 @@ class _State:
 
 async def _session(
     settings: Settings,
-    rules: KeyRules,
+    rules: Rules,
     backoff: _Backoff,
     metrics: LoaderMetrics,
     *,
@@ -109,6 +142,7 @@ async def _session(
             metrics.reconnects.inc()
         state = _State(asyncio.Event())
         state.due.set()
+        rules.due = state.due
         await _first_failure(
             _reconcile_loop(settings, rules, source, reads, writes, state, backoff, metrics),
             _change_loop(rules, feed, source, incremental, state, metrics),
@@ -119,7 +153,7 @@ async def _session(
 
 async def _reconcile_loop(
     settings: Settings,
-    rules: KeyRules,
+    rules: Rules,
     source: Source,
     reads: Mirror,
     writes: Mirror,
@@ -132,7 +166,9 @@ async def _reconcile_loop(
             await asyncio.wait_for(state.due.wait(), settings.reconcile_interval)
         state.due.clear()
         state.reconciling = True
-        report = await reconcile(source, reads, writes, rules=rules, batch_size=settings.batch_size)
+        report = await reconcile(
+            source, reads, writes, rules=rules.current, batch_size=settings.batch_size
+        )
         metrics.reconciled(report)
         state.reconciling = False
         state.last = time.monotonic()
@@ -140,7 +176,7 @@ async def _reconcile_loop(
 
 
 async def _change_loop(
-    rules: KeyRules,
+    rules: Rules,
     feed: ChangeFeed,
     source: Source,
     mirror: Mirror,
@@ -154,7 +190,7 @@ async def _change_loop(
             log.warning("changes may have been missed; reconciling in full")
             state.due.set()
         if changes.key_hashes or changes.key_ids or changes.account_ids:
-            report = await refresh(source, mirror, changes, rules=rules)
+            report = await refresh(source, mirror, changes, rules=rules.current)
             # Without the change's own time (an older trigger), the lag counts from its arrival.
             metrics.refreshed(report, changed_at=changes.changed_at or seen)
             log.info(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +20,7 @@ from loader import runner
 from loader.settings import Settings
 from loader.source import NewKey, SourceUnavailable
 from loader.sqlite import SqliteSource
-from sidecar.records import Keyspace, decode
+from sidecar.records import Keyspace, RateLimit, decode
 from tests.conftest import RedisServer
 from tests.loader.conftest import pg_account, pg_key, settings_for
 
@@ -127,17 +129,23 @@ async def test_run_follows_sqlite_within_a_second(
     path = tmp_path / "keys.db"
     async with running(settings_for(f"sqlite:///{path}", redis_server)):
         await eventually(lambda: reconciled(redis), 5)
-        with sqlite3.connect(path) as db:
-            db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
-            db.execute(
-                "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"
-                " VALUES ('k1', 'acct', 'n', 'wacrm_live_abcdefgh', ?, '[\"messages:send\"]')",
-                ("a" * 64,),
-            )
+        _sqlite_key(path, "k1", "a" * 64, new_account=True)
         assert await eventually(lambda: present(redis, "a" * 64), 1.0) < 1.0
         with sqlite3.connect(path) as db:
             db.execute("UPDATE api_keys SET revoked_at = '2025-01-01T00:00:00Z' WHERE id = 'k1'")
         assert await eventually(lambda: _absent(redis, "a" * 64), 1.0) < 1.0
+
+
+def _sqlite_key(path: Path, key_id: str, key_hash: str, *, new_account: bool = False) -> None:
+    """Insert a key with the messages:send scope into the SQLite table at *path*."""
+    with sqlite3.connect(path) as db:
+        if new_account:
+            db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
+        db.execute(
+            "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"
+            " VALUES (?, 'acct', 'n', 'wacrm_live_abcdefgh', ?, '[\"messages:send\"]')",
+            (key_id, key_hash),
+        )
 
 
 async def _absent(redis: Redis, key_hash: str) -> bool:
@@ -178,3 +186,41 @@ async def test_sqlite_touch_keeps_the_latest_use(sqlite_source: SqliteSource) ->
 
 async def _absent_key(redis: Redis, name: str) -> bool:
     return not await redis.exists(name)
+
+
+async def test_sighup_applies_a_changed_rate_limits_file_and_keeps_a_broken_one_out(
+    tmp_path: Path, redis: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.db"
+    limits = tmp_path / "limits"
+    limits.write_text("")
+    settings = settings_for(f"sqlite:///{path}", redis_server, rate_limits=limits)
+    async with running(settings):
+        await eventually(lambda: reconciled(redis), 5)
+        _sqlite_key(path, "k1", "b" * 64, new_account=True)
+        await eventually(lambda: present(redis, "b" * 64), 2)
+
+        async def limit() -> RateLimit | None:
+            return decode(await redis.get(KS.record("b" * 64))).rate_limit
+
+        assert await limit() is None
+
+        limits.write_text("key k1 5/1s\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: _is(limit, RateLimit(5, 1000)), 5)
+
+        limits.write_text("key k1 five\n")
+        with caplog.at_level(logging.ERROR, logger="loader.runner"):
+            os.kill(os.getpid(), signal.SIGHUP)
+            await eventually(lambda: _logged(caplog, "reload refused"), 2)
+        _sqlite_key(path, "k2", "c" * 64)  # still following the table, under the old rules
+        await eventually(lambda: present(redis, "c" * 64), 2)
+        assert await limit() == RateLimit(5, 1000)
+
+
+async def _is(get: Callable[[], Awaitable[object]], expected: object) -> bool:
+    return await get() == expected
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
