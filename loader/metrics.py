@@ -79,6 +79,15 @@ class LoaderMetrics:
             "Times `run` connected to the source and Redis again after a failure.",
             registry=r,
         )
+        self.reloads = Counter(
+            "wacrm_loader_reloads",
+            "SIGHUP reloads of the rate-limits and route files, by result"
+            " (applied, unchanged, refused).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("applied", "unchanged", "refused"):
+            self.reloads.labels(result)
         for kind in ("written", "deleted", "kept_out"):
             for via in ("reconcile", "notification"):
                 self.changes.labels(kind, via)

@@ -51,7 +51,7 @@ async def run(settings: Settings, metrics: LoaderMetrics | None = None) -> None:
     On SIGHUP, read the rate-limits and route files again (see `Rules.reload`).
     """
     metrics = metrics or LoaderMetrics()
-    rules = Rules(settings)
+    rules = Rules(settings, metrics)
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
@@ -66,8 +66,9 @@ async def run(settings: Settings, metrics: LoaderMetrics | None = None) -> None:
 class Rules:
     """The rules `run` applies, which SIGHUP reads again from their files."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: LoaderMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.current = key_rules(settings)
         #: Set to ask the running session for a full reconcile under new rules.
         self.due: asyncio.Event | None = None
@@ -81,10 +82,13 @@ class Rules:
             rules = key_rules(self.settings)
         except (LimitsError, PolicyError) as e:
             log.error("reload refused, keeping the rules in force: %s", e)
+            self.metrics.reloads.labels("refused").inc()
             return
         if rules == self.current:
             log.info("reload: the rate limits and route scopes are unchanged")
+            self.metrics.reloads.labels("unchanged").inc()
             return
+        self.metrics.reloads.labels("applied").inc()
         self.current = rules
         log.info("reload: new rate limits or route scopes; reconciling in full")
         if self.due is not None:

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from loader import runner
+from loader.metrics import LoaderMetrics
 from loader.settings import Settings
 from loader.source import NewKey, SourceUnavailable
 from loader.sqlite import SqliteSource
@@ -38,8 +39,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> flo
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(runner.run(settings))
+async def running(
+    settings: Settings, metrics: LoaderMetrics | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(runner.run(settings, metrics))
     try:
         yield task
     finally:
@@ -195,7 +198,8 @@ async def test_sighup_applies_a_changed_rate_limits_file_and_keeps_a_broken_one_
     limits = tmp_path / "limits"
     limits.write_text("")
     settings = settings_for(f"sqlite:///{path}", redis_server, rate_limits=limits)
-    async with running(settings):
+    metrics = LoaderMetrics()
+    async with running(settings, metrics):
         await eventually(lambda: reconciled(redis), 5)
         _sqlite_key(path, "k1", "b" * 64, new_account=True)
         await eventually(lambda: present(redis, "b" * 64), 2)
@@ -216,6 +220,19 @@ async def test_sighup_applies_a_changed_rate_limits_file_and_keeps_a_broken_one_
         _sqlite_key(path, "k2", "c" * 64)  # still following the table, under the old rules
         await eventually(lambda: present(redis, "c" * 64), 2)
         assert await limit() == RateLimit(5, 1000)
+
+        os.kill(os.getpid(), signal.SIGHUP)  # the file is still broken
+
+        async def refused_twice() -> bool:
+            sample = {"result": "refused"}
+            return metrics.registry.get_sample_value("wacrm_loader_reloads_total", sample) == 2
+
+        await eventually(refused_twice, 2)
+    reloads = {
+        r: metrics.registry.get_sample_value("wacrm_loader_reloads_total", {"result": r})
+        for r in ("applied", "unchanged", "refused")
+    }
+    assert reloads == {"applied": 1, "unchanged": 0, "refused": 2}
 
 
 async def _is(get: Callable[[], Awaitable[object]], expected: object) -> bool:
