@@ -40,7 +40,8 @@ OPTIONS = (
         "WACRM_REDIS_TIMEOUT",
         options.positive_float,
         0.5,
-        "seconds a Redis lookup may take before the request is refused with 503",
+        "seconds Redis may take to answer a batch of lookups before its requests are refused with"
+        " 503 (a lookup may first wait for the batch in flight: about twice this at most)",
     ),
     Option(
         "routes",
