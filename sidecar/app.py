@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar import decision
 from sidecar.decision import Denial
 from sidecar.metrics import Metrics
-from sidecar.records import Keyspace
+from sidecar.records import Keyspace, decode
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
 from sidecar.settings import Settings
@@ -133,24 +133,21 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-#: Identity headers by stored record: a changed record is a new entry.  Never mutate a value.
-_identities: dict[bytes, dict[str, str]] = {}
-_MAX_IDENTITIES = 16384
-
-
 def _identity(verdict: Verdict) -> dict[str, str]:
-    record, lookup = verdict.record, verdict.lookup
-    assert record is not None and lookup is not None
-    identity = _identities.get(lookup.raw)
-    if identity is None:
-        if len(_identities) >= _MAX_IDENTITIES:
-            _identities.clear()
-        identity = _identities[lookup.raw] = {
-            ACCOUNT_HEADER: record.account_id,
-            KEY_HEADER: record.key_id,
-            SCOPES_HEADER: " ".join(record.scopes),
-        }
-    return {**identity, **verdict.rate_headers()}
+    assert verdict.lookup is not None
+    return {**_identity_of(verdict.lookup.raw), **verdict.rate_headers()}
+
+
+@lru_cache(maxsize=16384)
+def _identity_of(raw: bytes) -> dict[str, str]:
+    # Cached by the stored bytes, as the verifier caches records: a changed record is a new
+    # entry.  Never mutate the result.
+    record = decode(raw)
+    return {
+        ACCOUNT_HEADER: record.account_id,
+        KEY_HEADER: record.key_id,
+        SCOPES_HEADER: " ".join(record.scopes),
+    }
 
 
 def _target_of(url: str) -> str:

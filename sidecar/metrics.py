@@ -57,6 +57,7 @@ REDIS_ERROR_KINDS = ("timeout", "connection", "reply")
 # The layout of the array: decisions, then histogram buckets (the last is +Inf), then the
 # histogram's sum in microseconds, then Redis errors by kind.
 _DECISION_SLOT = {d: i for i, d in enumerate((*DECISIONS, _OTHER))}
+_OTHER_SLOT = _DECISION_SLOT[_OTHER]
 _BUCKET0 = len(_DECISION_SLOT)
 _SUM = _BUCKET0 + len(BUCKETS) + 1
 _ERROR_SLOT = {k: _SUM + 1 + i for i, k in enumerate(REDIS_ERROR_KINDS)}
@@ -92,7 +93,7 @@ class Metrics:
     def decided(self, status: int, reason: str, seconds: float) -> None:
         """Count one decision with *status* and *reason*, taken in *seconds*."""
         c = self._counts
-        c[_DECISION_SLOT.get((status, reason), _DECISION_SLOT[_OTHER])] += 1
+        c[_DECISION_SLOT.get((status, reason), _OTHER_SLOT)] += 1
         c[_BUCKET0 + bisect_left(BUCKETS, seconds)] += 1
         c[_SUM] += int(seconds * 1_000_000)
 

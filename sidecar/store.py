@@ -64,7 +64,7 @@ class KeyStore:
         self._limit_args = (b"%d" % limit[0], b"%d" % limit[1])
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
-        self._connecting: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Future[Any] | None = None
 
     def check(self, key_hash: str) -> asyncio.Future[Lookup | None]:
         """Return the future of *key_hash*'s record with its rate-limit verdict (None if none).
@@ -91,21 +91,10 @@ class KeyStore:
         args += self._limit_args
         reply = self.client.send(b"EVALSHA", _CHECK_SHA, *args, flush=True)
         if reply is None:  # not connected: connect first, in a task of its own
-            self._connecting = asyncio.ensure_future(self._send_connecting(batch, args))
-        else:
-            reply.add_done_callback(partial(self._answer, batch, args, False))
-
-    async def _send_connecting(self, batch: _Batch, args: list[bytes | str | int]) -> None:
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            reply.set_result(await self.client.execute(b"EVALSHA", _CHECK_SHA, *args))
-        except asyncio.CancelledError:  # the sidecar is stopping: refuse, then stop
-            reply.set_exception(RedisUnavailable("stopping"))
-            self._answer(batch, args, False, reply)
-            raise
-        except Exception as e:  # handed to _answer, which turns it into refusals
-            reply.set_exception(e)
-        self._answer(batch, args, False, reply)
+            reply = self._connecting = asyncio.ensure_future(
+                self.client.execute(b"EVALSHA", _CHECK_SHA, *args)
+            )
+        reply.add_done_callback(partial(self._answer, batch, args, False))
 
     def _answer(
         self, batch: _Batch, args: list[bytes | str | int], sent_script: bool, reply: Any
@@ -130,6 +119,8 @@ class KeyStore:
             self._fail(batch, StoreUnavailable("timeout", str(e)))
         except RedisUnavailable as e:
             self._fail(batch, StoreUnavailable("connection", str(e)))
+        except asyncio.CancelledError:  # the connecting task, as the sidecar stops
+            self._fail(batch, StoreUnavailable("connection", "stopping"))
         except Exception as e:  # a reply of another shape: refuse, and stay usable
             self._fail(batch, StoreUnavailable("reply", f"unexpected reply: {e!r}"))
         else:
