@@ -44,15 +44,14 @@ class Mirror:
         self._delete_head = b""
         # Every record and tombstone key is the prefix, a fixed part and a 64-character hash,
         # so their RESP form is a constant head, the hash and a constant tail.
-        prefix = keyspace.prefix.encode()
-        self._prefix_len = len(keyspace.record("")) - 1
+        # Sizes in bytes: a prefix may hold characters that UTF-8 writes in several.
+        record = keyspace.record("0" * 64).encode()
+        tombstone = keyspace.tombstone("0" * 64).encode()
+        self._prefix_len = len(record) - 65
         #: What a record's Redis key is before its hash (the hash and "}" follow).
         self.record_head = keyspace.record("")[:-1]
-        self._record_head = b"$%d\r\n%s" % (len(keyspace.record("0" * 64)), prefix + b"key:{")
-        self._tombstone_head = b"$%d\r\n%s" % (
-            len(keyspace.tombstone("0" * 64)),
-            prefix + b"gone:{",
-        )
+        self._record_head = b"$%d\r\n%s" % (len(record), record[:-65])
+        self._tombstone_head = b"$%d\r\n%s" % (len(tombstone), tombstone[:-65])
 
     @classmethod
     async def open(cls, url: str, keyspace: Keyspace, *, connect_timeout: float) -> Mirror:
@@ -89,16 +88,7 @@ class Mirror:
 
     async def fetch(self, key_hashes: Sequence[str]) -> list[bytes | None]:
         """Return the stored record of each of *key_hashes* (None where there is none)."""
-        if not key_hashes:
-            return []
-        head = self._record_head
-        command = b"*%d\r\n$4\r\nMGET\r\n%s%s}\r\n" % (
-            len(key_hashes) + 1,
-            head,
-            (b"}\r\n" + head).join([h.encode() for h in key_hashes]),
-        )
-        result: list[bytes | None] = await self.pipe.request(command)
-        return result
+        return await self.fetch_keys([self.record_key(h) for h in key_hashes])
 
     def record_key(self, key_hash: str) -> bytes:
         """Return the Redis key of *key_hash*'s record, as `fetch_keys` and `scan_keys` do."""

@@ -222,6 +222,7 @@ class _Run:
         report, version, rules = self.report, self.report.version, self.rules
         seen_add, note, head = self.seen.add, self.problems.note, self.reads.record_head
         hashes: list[str] = []
+        keys: list[bytes] = []
         records: list[Fields] = []
         for row in rows:
             record, trouble = decide(row, rules, version)
@@ -230,11 +231,13 @@ class _Run:
             if record is None:
                 report.skipped += 1
             else:
+                key = (head + row[5] + "}").encode()
                 hashes.append(row[5])
+                keys.append(key)
                 records.append(record)
-                seen_add((head + row[5] + "}").encode())
+                seen_add(key)
         if compare:
-            stored = await self.reads.fetch(hashes)
+            stored = await self.reads.fetch_keys(keys)
             changed = []
             for key_hash, record, raw in zip(hashes, records, stored, strict=True):
                 body = unversioned_fields(record)
@@ -272,7 +275,7 @@ class _Run:
             valid = [is_valid_hash(h) for h in hashes]
             again += [h for h, ok in zip(hashes, valid, strict=True) if not ok]
             expected = [b for b, ok in zip(expected, valid, strict=True) if ok]
-            hashes = [h for h in hashes if is_valid_hash(h)]
+            hashes = [h for h, ok in zip(hashes, valid, strict=True) if ok]
         # A hash of the wrong length names no record the loader writes: it differs below.
         head = self.reads.record_head
         keys = [(head + h + "}").encode() for h in hashes]

@@ -124,7 +124,7 @@ class Keyspace:
         """Return the key hash inside a record's Redis key *redis_key*."""
         if isinstance(redis_key, bytes):
             redis_key = redis_key.decode()
-        return redis_key[redis_key.index("{") + 1 : -1]
+        return redis_key[redis_key.rindex("{") + 1 : -1]
 
 
 def hash_key(plaintext: str) -> str:

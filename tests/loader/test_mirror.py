@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 from loader.mirror import PUT_MANY_KEYS, Mirror, same_record
 from loader.pipe import Batch
 from sidecar.records import KeyRecord, Keyspace, decode, encode, version_of
+from tests.conftest import RedisServer
 
 KS = Keyspace()
 H1, H2 = "1" * 64, "2" * 64
@@ -119,3 +120,23 @@ async def test_many_writes_in_one_call_keep_each_key_s_rules(mirror: Mirror, red
     await mirror.put(records[2::5], version=400, batch=again)  # the same payload: held
     await mirror.wait(again)
     assert again.applied == len(records[2::5])
+
+
+async def test_a_prefix_beyond_ascii_is_framed_in_bytes(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    ks = Keyspace("wäcrm{x}:")
+    mirror = await Mirror.open(redis_server.url, ks, connect_timeout=5)
+    try:
+        batch = Batch()
+        await mirror.put([(H1, REC)], version=100, batch=batch)
+        await mirror.delete([H2], version=100, batch=batch)
+        await mirror.wait(batch)
+        assert batch.applied == 2
+        assert decode(await redis.get(ks.record(H1))) == REC
+        assert await redis.get(ks.tombstone(H2)) == b"100"
+        assert await mirror.fetch([H1, H2]) == [await redis.get(ks.record(H1)), None]
+        assert mirror.hash_in(mirror.record_key(H1)) == H1
+        assert ks.hash_of(ks.record(H1).encode()) == H1
+    finally:
+        await mirror.close()
