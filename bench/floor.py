@@ -8,13 +8,14 @@ on its own, next to which the gate's checks can be read.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from sidecar.app import HANDLER_ARGS
 from sidecar.resp import RespClient
+from sidecar.server import SHUTDOWN_TIMEOUT, use_uvloop
 
 client_key = web.AppKey("client", RespClient)
 
@@ -32,7 +33,7 @@ async def ok_after_get(request: web.Request) -> web.Response:
 
 def create_app(redis_url: str | None = None) -> web.Application:
     """Build the floor app with the sidecar's parser limits; with *redis_url*, one GET each."""
-    app = web.Application(handler_args={"max_field_size": 32768, "max_line_size": 32768})
+    app = web.Application(handler_args=HANDLER_ARGS)
     if redis_url is None:
         app.router.add_route("*", "/auth", ok)
         return app
@@ -55,12 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-port", action="store_true", help="share the port (workers)")
     parser.add_argument("--redis-url", help="await one GET on this Redis per request")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - the sidecar falls back the same way
-        pass
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    use_uvloop()
     web.run_app(
         create_app(args.redis_url),
         host=args.host,
@@ -68,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reuse_port=args.reuse_port or None,
         print=None,
         access_log=None,
-        shutdown_timeout=5.0,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     return 0
 

@@ -18,6 +18,7 @@ from loader import admin, runner
 from loader.limits import LimitsError
 from loader.metrics import MetricsUnavailable
 from loader.mirror import REDIS_ERRORS
+from loader.pipe import redact_url
 from loader.rules import RuleError
 from loader.settings import OPTIONS, Settings
 from loader.source import KeyListing, NotFound, SourceUnavailable
@@ -74,7 +75,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         _run(runner.sync(settings))
         return OK
     if args.command == "run":
-        log.info("loader running against %s", _redact(settings.require_source()))
+        log.info("loader running against %s", redact_url(settings.require_source()))
         _run(runner.run(settings), forever=True)
         return OK
     if args.command == "accounts":
@@ -198,12 +199,6 @@ def _print_keys(keys: list[KeyListing], *, as_json: bool, out: TextIO) -> None:
 
 def _time(moment: Any) -> str | None:
     return None if moment is None else moment.isoformat()
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    _, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -44,14 +44,6 @@ class Batch:
     kept_out: int = 0
     errors: list[str] = field(default_factory=list)
 
-    def add(self, other: Batch) -> None:
-        """Add the counts of *other* to this tally."""
-        self.expected += other.expected
-        self.answered += other.answered
-        self.applied += other.applied
-        self.kept_out += other.kept_out
-        self.errors.extend(other.errors)
-
 
 class Pipe:
     """One connection to Redis; use `open` to make one."""
@@ -89,7 +81,9 @@ class Pipe:
                 if int(params.get("db", 0)):
                     await pipe.call("SELECT", int(params["db"]))
         except (OSError, TimeoutError) as e:
-            raise PipeError(f"cannot connect to Redis at {_safe(url)}: {e or 'timed out'}") from e
+            raise PipeError(
+                f"cannot connect to Redis at {redact_url(url)}: {e or 'timed out'}"
+            ) from e
         return pipe
 
     async def call(self, *args: Arg) -> Any:
@@ -188,7 +182,7 @@ class Pipe:
         self._room.set()
 
 
-def _safe(url: str) -> str:
+def redact_url(url: str) -> str:
     """Return *url* without its password."""
     scheme, sep, rest = url.partition("://")
     _, at, host = rest.rpartition("@")

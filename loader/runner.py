@@ -126,7 +126,6 @@ class _Backoff:
 class _State:
     due: asyncio.Event
     reconciling: bool = True
-    last: float = 0.0
 
 
 async def _session(
@@ -175,7 +174,6 @@ async def _reconcile_loop(
         )
         metrics.reconciled(report)
         state.reconciling = False
-        state.last = time.monotonic()
         backoff.reset()
 
 

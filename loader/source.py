@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -132,8 +132,3 @@ async def open_source(url: str, *, connect_timeout: float) -> Source:
     from loader.postgres import PostgresSource
 
     return await PostgresSource.open(url, connect_timeout=connect_timeout)
-
-
-def unique(values: Sequence[str]) -> list[str]:
-    """Return *values* without duplicates, in order."""
-    return list(dict.fromkeys(values))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -18,8 +17,6 @@ import orjson
 
 from loader.rows import KeyRow
 from loader.source import Changes, KeyListing, NewKey, NotFound, SourceUnavailable
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -6,10 +6,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.app import create_app
 from sidecar.logs import log_config
 from sidecar.options import SettingError
-from sidecar.routes import PolicyError
+from sidecar.routes import PolicyError, load_policy
 from sidecar.server import serve, supervise
 from sidecar.settings import Settings
 
@@ -18,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sidecar until SIGINT or SIGTERM; return the exit status."""
     try:
         settings = Settings.from_env(os.environ, sys.argv[1:] if argv is None else argv)
-        create_app(settings)  # Fails here, once, on a bad route file.
+        load_policy(settings.routes)  # Fails here, once, on a bad route file.
     except (SettingError, PolicyError) as e:
         print(f"wacrm-sidecar: {e}", file=sys.stderr)
         return 2

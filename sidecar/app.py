@@ -14,7 +14,7 @@ from sidecar.decision import Denial
 from sidecar.metrics import Metrics
 from sidecar.records import Keyspace, decode
 from sidecar.resp import RespClient
-from sidecar.routes import load_policy
+from sidecar.routes import Policy, load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
 from sidecar.verifier import Verdict, Verifier
@@ -31,15 +31,19 @@ CHALLENGE_HEADER = "X-Wacrm-Challenge"
 
 settings_key = web.AppKey("settings", Settings)
 metrics_key = web.AppKey("metrics", Metrics)
+policy_key = web.AppKey("policy", Policy)
 verifier_key = web.AppKey("verifier", Verifier)
+
+#: aiohttp's request parser limits: large enough for any header nginx lets through.
+HANDLER_ARGS = {"max_field_size": 32768, "max_line_size": 32768}
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the sidecar for *settings*; raise PolicyError for a bad route file."""
-    app = web.Application(handler_args={"max_field_size": 32768, "max_line_size": 32768})
+    app = web.Application(handler_args=HANDLER_ARGS)
     app[settings_key] = settings
+    app[policy_key] = load_policy(settings.routes)  # a bad route file is refused here
     app[metrics_key] = Metrics()
-    load_policy(settings.routes)  # Refuse a bad route file now, not at start-up.
     app.cleanup_ctx.append(_verifier_ctx)
     app.router.add_route("*", "/auth", auth)
     app.router.add_route("*", "/forward-auth", forward_auth)
@@ -80,7 +84,7 @@ async def forward_auth(request: web.Request) -> web.Response:
     uri = h.get("X-Forwarded-Uri")
     if uri is None:
         log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
-        return _json(500, decision.INTERNAL_BODY, {})
+        return _refusal(Verdict(decision.MISCONFIGURED))
     verdict = await request.app[verifier_key].verify(h, h.get("X-Forwarded-Method", "GET"), uri)
     if verdict.denial is not None:
         return _refusal(verdict)
@@ -201,7 +205,7 @@ async def _verifier_ctx(app: web.Application) -> AsyncIterator[None]:
     store = KeyStore(client, Keyspace(settings.redis_prefix), settings.rate_limit)
     app[verifier_key] = Verifier(
         store,
-        load_policy(settings.routes),
+        app[policy_key],
         app[metrics_key],
         allow_unlisted=settings.unknown_routes == "allow",
         touch_interval=settings.last_used_interval,

@@ -68,6 +68,7 @@ UNLISTED_ROUTE = Denial(
 )
 
 
+@lru_cache(maxsize=1024)
 def rate_limited(retry_after: int) -> Denial:
     """Refuse a key over its rate limit; it may try again in *retry_after* seconds."""
     return Denial(

@@ -33,7 +33,7 @@ RESTART_PERIOD = 10.0
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve *settings* in this process until SIGINT or SIGTERM."""
-    _use_uvloop()
+    use_uvloop()
     log.info("listening on %s:%d (pid %d)", settings.host, settings.port, os.getpid())
     web.run_app(
         create_app(settings),
@@ -104,7 +104,8 @@ def supervise(settings: Settings) -> int:
     return status
 
 
-def _use_uvloop() -> None:
+def use_uvloop() -> None:
+    """Run asyncio on uvloop, where it is installed."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

@@ -7,10 +7,10 @@ import hashlib
 from functools import partial
 from typing import Any, NamedTuple
 
-from sidecar.records import CHECK_SCRIPT, Keyspace, RateLimit
+from sidecar.records import CHECK_SCRIPT, UNLIMITED, Keyspace, RateLimit
 from sidecar.resp import RedisTimeout, RedisUnavailable, ReplyError, RespClient
 
-_CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
+_CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest().encode()
 
 
 class StoreUnavailable(Exception):
@@ -60,8 +60,8 @@ class KeyStore:
     ) -> None:
         self.client = client
         self.keyspace = keyspace
-        limit = (rate_limit.limit, rate_limit.window_ms) if rate_limit else (0, 1)
-        self._limit_args = (b"%d" % limit[0], b"%d" % limit[1])
+        limit = rate_limit or UNLIMITED
+        self._limit_args = (b"%d" % limit.limit, b"%d" % limit.window_ms)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
         self._connecting: asyncio.Future[Any] | None = None
