@@ -64,7 +64,8 @@ class Policy:
         return frozenset(r.scope for r in self.routes if r.scope != NO_SCOPE)
 
     def match(self, method: str, path: str) -> Route | None:
-        """Return the route for *method* and the normalised *path*, or None if none matches."""
+        """Return the route for *method* (in any case) and the normalised *path*, or None."""
+        method = method.upper()
         if method == "HEAD":
             method = "GET"
         route = self._static.get((method, path))

@@ -172,6 +172,19 @@ async def test_unknown_routes_can_be_allowed(
     assert (await client.get("/auth", headers=nginx("/api/v1/webhooks", key))).status == 403
 
 
+async def test_a_lower_case_method_is_held_to_its_routes_scope(
+    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, unknown_routes="allow")))
+    key = await put(fake, ())
+    headers = {
+        "X-Forwarded-Uri": "/api/v1/webhooks",
+        "X-Forwarded-Method": "get",
+        "Authorization": f"Bearer {key}",
+    }
+    assert (await client.get("/forward-auth", headers=headers)).status == 403
+
+
 async def test_redis_unreachable_fails_closed(aiohttp_client: MakeClient) -> None:
     closed = f"redis://127.0.0.1:{procs.free_port()}/0"
     client = await aiohttp_client(create_app(Settings(redis_url=closed)))

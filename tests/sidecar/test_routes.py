@@ -148,3 +148,12 @@ def test_malformed_policy_is_refused_with_the_line(text: str, message: str) -> N
 def test_missing_policy_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read route file"):
         load_policy(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "post", "head"])
+def test_methods_match_in_any_case(method: str) -> None:
+    """A lower-case method is the same method: it can never slip past its route's scope."""
+    assert WACRM.match(method, "/api/v1/webhooks") == WACRM.match(
+        method.upper(), "/api/v1/webhooks"
+    )
+    assert WACRM.match(method, "/api/v1/webhooks") is not None
