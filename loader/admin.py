@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from loader import rules
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import refresh
+from loader.rows import KeyRules
 from loader.runner import key_rules
 from loader.settings import Settings
 from loader.source import Changes, KeyListing, NewKey, Source, open_source
@@ -37,11 +39,8 @@ async def create_account(settings: Settings, name: str) -> str:
     """Insert an account called *name*; return its id."""
     account_id = str(uuid.uuid4())
     clean = rules.account_name(name)
-    source = await open_source(settings.require_source(), connect_timeout=settings.timeout)
-    try:
+    async with _source(settings) as source:
         await source.create_account(account_id, clean)
-    finally:
-        await source.close()
     return account_id
 
 
@@ -56,7 +55,8 @@ async def create_key(
 ) -> Created:
     """Mint a key by Wacrm's rules, store its hash and put its record in Redis right away."""
     clean_name = rules.key_name(name)
-    clean_scopes = rules.scopes(scopes, key_rules(settings).scopes)
+    known = key_rules(settings)
+    clean_scopes = rules.scopes(scopes, known.scopes)
     days = rules.lifetime_days(expires_in_days)
     minted = mint()
     key = NewKey(
@@ -69,22 +69,16 @@ async def create_key(
         expires_at=None if days is None else datetime.now(UTC) + timedelta(days=days),
         created_by=created_by,
     )
-    source = await open_source(settings.require_source(), connect_timeout=settings.timeout)
-    try:
+    async with _source(settings) as source:
         await source.create_key(key)
-        in_redis = await _refresh(settings, source, key.key_hash, key.id)
-    finally:
-        await source.close()
+        in_redis = await _refresh(settings, source, key.key_hash, key.id, known)
     return Created(key, minted.plaintext, in_redis)
 
 
 async def list_keys(settings: Settings, account_id: str | None) -> list[KeyListing]:
     """Return what Wacrm's dashboard shows of every key (of *account_id* when given)."""
-    source = await open_source(settings.require_source(), connect_timeout=settings.timeout)
-    try:
+    async with _source(settings) as source:
         return await source.list_keys(account_id)
-    finally:
-        await source.close()
 
 
 async def revoke_key(settings: Settings, key_id: str) -> bool:
@@ -92,15 +86,23 @@ async def revoke_key(settings: Settings, key_id: str) -> bool:
 
     Return whether Redis was updated; raise NotFound for an unknown or revoked key.
     """
+    async with _source(settings) as source:
+        key_hash = await source.revoke_key(key_id)
+        return await _refresh(settings, source, key_hash, key_id, key_rules(settings))
+
+
+@contextlib.asynccontextmanager
+async def _source(settings: Settings) -> AsyncIterator[Source]:
     source = await open_source(settings.require_source(), connect_timeout=settings.timeout)
     try:
-        key_hash = await source.revoke_key(key_id)
-        return await _refresh(settings, source, key_hash, key_id)
+        yield source
     finally:
         await source.close()
 
 
-async def _refresh(settings: Settings, source: Source, key_hash: str, key_id: str) -> bool:
+async def _refresh(
+    settings: Settings, source: Source, key_hash: str, key_id: str, known: KeyRules
+) -> bool:
     """Make Redis agree with the current row; the version is read after our commit."""
     try:
         mirror = await Mirror.open(
@@ -108,19 +110,13 @@ async def _refresh(settings: Settings, source: Source, key_hash: str, key_id: st
             Keyspace(settings.redis_prefix),
             connect_timeout=min(settings.timeout, REDIS_TIMEOUT),
         )
+        try:
+            await refresh(
+                source, mirror, Changes(key_hashes={key_hash}, key_ids={key_id}), rules=known
+            )
+        finally:
+            await mirror.close()
     except REDIS_ERRORS as e:
         log.warning("Redis not updated, the loader will catch up: %s", e)
         return False
-    try:
-        await refresh(
-            source,
-            mirror,
-            Changes(key_hashes={key_hash}, key_ids={key_id}),
-            rules=key_rules(settings),
-        )
-    except REDIS_ERRORS as e:
-        log.warning("Redis not updated, the loader will catch up: %s", e)
-        return False
-    finally:
-        await mirror.close()
     return True
