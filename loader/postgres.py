@@ -101,22 +101,15 @@ class PostgresSource:
         """Release the connections."""
         await self.pool.close()
 
-    async def snapshot(self, batch: int) -> AsyncIterator[list[KeyRow]]:
+    def snapshot(self, batch: int) -> AsyncIterator[list[KeyRow]]:
         """Yield every unrevoked key, *batch* rows at a time, from one consistent snapshot.
 
         The rows are asyncpg's own, in `KeyRow`'s field order: a million named tuples would
         cost seconds, and `judge` only unpacks them.
         """
-        with _unavailable("reading api_keys failed"):
-            async with (
-                self.pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                cursor = await conn.cursor(_SELECT + "WHERE k.revoked_at IS NULL")
-                while rows := await cursor.fetch(batch):
-                    yield rows
+        return self._stream(batch, _SELECT + "WHERE k.revoked_at IS NULL")
 
-    async def bodies(
+    def bodies(
         self, batch: int, *, version: int, rules: KeyRules
     ) -> AsyncIterator[list[tuple[str | None, bytes | None]]]:
         """Yield (hash, record body) of every unrevoked key, from one consistent snapshot.
@@ -129,6 +122,10 @@ class PostgresSource:
         scopes): only equality with a stored record proves it current.
         """
         query, args = _bodies(version, rules)
+        return self._stream(batch, query, *args)
+
+    async def _stream(self, batch: int, query: str, *args: object) -> AsyncIterator[list[Any]]:
+        """Yield the rows of *query*, *batch* at a time, from one consistent snapshot."""
         with _unavailable("reading api_keys failed"):
             async with (
                 self.pool.acquire() as conn,
