@@ -27,6 +27,7 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
+from bench import pg
 from demo import procs
 from sidecar.apikeys import mint
 from sidecar.records import Keyspace, hash_key
@@ -117,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _bench(admin_dsn: str, requests: int, concurrency: int) -> int:
-    dsn = await _create(admin_dsn)
+    dsn = await pg.recreate(
+        admin_dsn, DATABASE, SCHEMA.read_text(), NOTIFY.read_text(), COUNTING_SQL, force=True
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="last-used-bench-") as tmp:
             return await _run(Path(tmp), dsn, requests, concurrency)
     finally:
-        await _drop(admin_dsn)
+        await pg.drop(admin_dsn, DATABASE, force=True)
 
 
 async def _run(workdir: Path, dsn: str, requests: int, concurrency: int) -> int:
@@ -174,38 +177,6 @@ async def _until_loaded(redis_url: str, key: str) -> None:
                 return
             await asyncio.sleep(0.02)
     raise TimeoutError("the loader did not load the key")
-
-
-def _with_database(dsn: str, database: str) -> str:
-    base, _, rest = dsn.rpartition("/")
-    query = rest.partition("?")[2]
-    return f"{base}/{database}" + (f"?{query}" if query else "")
-
-
-async def _create(admin_dsn: str) -> str:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        await conn.close()
-    dsn = _with_database(admin_dsn, DATABASE)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(SCHEMA.read_text())
-        await conn.execute(NOTIFY.read_text())
-        await conn.execute(COUNTING_SQL)
-    finally:
-        await conn.close()
-    return dsn
-
-
-async def _drop(admin_dsn: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-    finally:
-        await conn.close()
 
 
 if __name__ == "__main__":

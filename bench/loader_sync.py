@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncpg
 from redis import Redis
 
+from bench import pg
 from demo import procs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the database in place")
     args = parser.parse_args(argv)
     if args.reuse:
-        dsn = _with_database(args.pg, DATABASE)
+        dsn = pg.with_database(args.pg, DATABASE)
         asyncio.run(_restore(dsn))
     else:
         dsn = asyncio.run(_fill(args.pg, args.keys, args.accounts))
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             redis_proc.stop()
     if not args.keep:
-        asyncio.run(_drop(args.pg))
+        asyncio.run(pg.drop(args.pg, DATABASE))
     per_key = (after - before) / max(records, 1)
     print(f"keys in PostgreSQL:              {args.keys:,} ({args.accounts} accounts)")
     print(f"records in Redis after sync:     {records:,} (after churn: {records_after:,})")
@@ -115,16 +116,9 @@ def _loader(dsn: str, redis_url: str) -> Run:
 
 
 async def _fill(admin_dsn: str, keys: int, accounts: int) -> str:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-        await conn.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        await conn.close()
-    dsn = _with_database(admin_dsn, DATABASE)
+    dsn = await pg.recreate(admin_dsn, DATABASE, SCHEMA.read_text())
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(SCHEMA.read_text())
         started = time.monotonic()
         await conn.execute(
             "INSERT INTO accounts (id, name) SELECT"
@@ -192,19 +186,6 @@ async def _restore(dsn: str) -> None:
         )
     finally:
         await conn.close()
-
-
-async def _drop(admin_dsn: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-    finally:
-        await conn.close()
-
-
-def _with_database(dsn: str, database: str) -> str:
-    base, _, _ = dsn.rpartition("/")
-    return f"{base}/{database}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from bench.pg import with_database
 from loader.mirror import Mirror
 from loader.postgres import PostgresSource
 from loader.rows import KeyRules
@@ -29,13 +30,6 @@ WACRM_SCHEMA = HERE / "wacrm_schema.sql"
 NOTIFY_SQL = ROOT / "loader" / "wacrm-notify.sql"
 ADMIN_DSN = os.environ.get("WACRM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KNOWN = KeyRules(load_policy().scopes)
-
-
-def with_database(dsn: str, database: str) -> str:
-    """Return *dsn* pointing at *database* instead."""
-    base, _, rest = dsn.rpartition("/")
-    query = rest.partition("?")[2]
-    return f"{base}/{database}" + (f"?{query}" if query else "")
 
 
 @contextlib.contextmanager
