@@ -10,6 +10,9 @@ from pathlib import Path
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+#: What normal form folds away: an empty or dot segment, or a trailing slash.
+_UNTIDY = re.compile(r"//|/\.\.?(?:/|$)|./$")
 _METHOD = re.compile(r"[A-Z]+")
 _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _SCOPE = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -147,8 +150,10 @@ def normalise(raw: str) -> str:
             path.encode()
         except UnicodeError:
             raise BadPath("path is not UTF-8") from None
-    if "\\" in path or any(c < " " or c == "\x7f" for c in path):
+    if _FORBIDDEN.search(path):
         raise BadPath("control character or backslash in path")
+    if not _UNTIDY.search(path):
+        return path  # already in normal form, as most are
     out: list[str] = []
     for segment in path.split("/"):
         if segment in ("", "."):
