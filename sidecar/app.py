@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
+from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from sidecar import decision
 from sidecar.decision import Denial
@@ -21,120 +23,150 @@ from sidecar.verifier import Verdict, Verifier
 
 log = logging.getLogger(__name__)
 
-ACCOUNT_HEADER = "X-Wacrm-Account-Id"
-KEY_HEADER = "X-Wacrm-Key-Id"
-SCOPES_HEADER = "X-Wacrm-Scopes"
+# Header names as istr: multidict then skips folding their case on every request.
+ACCOUNT_HEADER = istr("X-Wacrm-Account-Id")
+KEY_HEADER = istr("X-Wacrm-Key-Id")
+SCOPES_HEADER = istr("X-Wacrm-Scopes")
 #: On a refusal to nginx: the status the client must get, the exact body, the challenge.
-STATUS_HEADER = "X-Wacrm-Status"
-ERROR_HEADER = "X-Wacrm-Error"
-CHALLENGE_HEADER = "X-Wacrm-Challenge"
-
-settings_key = web.AppKey("settings", Settings)
-metrics_key = web.AppKey("metrics", Metrics)
-policy_key = web.AppKey("policy", Policy)
-verifier_key = web.AppKey("verifier", Verifier)
+STATUS_HEADER = istr("X-Wacrm-Status")
+ERROR_HEADER = istr("X-Wacrm-Error")
+CHALLENGE_HEADER = istr("X-Wacrm-Challenge")
+ORIGINAL_URI = istr("X-Original-URI")
+ORIGINAL_URL = istr("X-Original-URL")
+ORIGINAL_METHOD = istr("X-Original-Method")
+FORWARDED_URI = istr("X-Forwarded-Uri")
+FORWARDED_METHOD = istr("X-Forwarded-Method")
 
 #: aiohttp's request parser limits: large enough for any header nginx lets through.
-HANDLER_ARGS = {"max_field_size": 32768, "max_line_size": 32768}
+HANDLER_ARGS: dict[str, Any] = {"max_field_size": 32768, "max_line_size": 32768}
+
+NOT_FOUND_BODY = b'{"error":{"code":"not_found","message":"Not found"}}'
+METHOD_NOT_ALLOWED_BODY = b'{"error":{"code":"method_not_allowed","message":"Method not allowed"}}'
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the sidecar for *settings*; raise PolicyError for a bad route file."""
-    app = web.Application(handler_args=HANDLER_ARGS)
-    app[settings_key] = settings
-    app[policy_key] = load_policy(settings.routes)  # a bad route file is refused here
-    app[metrics_key] = Metrics()
-    app.cleanup_ctx.append(_verifier_ctx)
-    app.router.add_route("*", "/auth", auth)
-    app.router.add_route("*", "/forward-auth", forward_auth)
-    app.router.add_route("*", "/api/v1/me", me)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
+class Gate:
+    """The sidecar's endpoints for *settings*, as one aiohttp low-level request handler.
 
+    A request costs little more than aiohttp's own parsing and writing: its path is looked up
+    in a dict, then the endpoint answers.  The fixed paths here need none of what
+    `web.Application` adds per request (router, match info, signals), which was about 8% of
+    the sidecar's instructions for an allowed request.  Serve it with `web.Server`, and
+    `close` it once the server has stopped.
 
-async def auth(request: web.Request) -> web.Response:
-    """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render.
-
-    The original request comes as X-Original-Method and X-Original-URI (nginx), or
-    X-Original-URL, a full URL (ingress-nginx).
+    Raise PolicyError for a bad route file.
     """
-    h = request.headers
-    uri = h.get("X-Original-URI")
-    if uri is None and (url := h.get("X-Original-URL")) is not None:
-        uri = _target_of(url)
-    if uri is None:
-        log.error("auth request without X-Original-URI or X-Original-URL; check the nginx snippet")
-        return _nginx_refusal(decision.MISCONFIGURED, {})
-    verdict = await request.app[verifier_key].verify(h, h.get("X-Original-Method", "GET"), uri)
-    if verdict.denial is not None:
-        return _nginx_refusal(verdict.denial, verdict.rate_headers())
-    return web.Response(headers=_identity(verdict))
 
-
-async def forward_auth(request: web.Request) -> web.Response:
-    """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal to the client as is.
-
-    The original request comes as X-Forwarded-Method and X-Forwarded-Uri.  This is a separate
-    endpoint so that a header a client can send (X-Original-URI reaches a forward-auth server
-    untouched) can never choose the route that is checked.
-    """
-    h = request.headers
-    uri = h.get("X-Forwarded-Uri")
-    if uri is None:
-        log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
-        return _refusal(Verdict(decision.MISCONFIGURED))
-    verdict = await request.app[verifier_key].verify(h, h.get("X-Forwarded-Method", "GET"), uri)
-    if verdict.denial is not None:
-        return _refusal(verdict)
-    return web.Response(headers=_identity(verdict))
-
-
-async def me(request: web.Request) -> web.Response:
-    """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
-    if request.method not in ("GET", "HEAD"):
-        return _json(
-            405,
-            b'{"error":{"code":"method_not_allowed","message":"Method not allowed"}}',
-            {"Allow": "GET, HEAD"},
+    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
+        self.verifier = Verifier(
+            KeyStore(self.client, Keyspace(settings.redis_prefix), settings.rate_limit),
+            load_policy(settings.routes) if policy is None else policy,
+            self.metrics,
+            allow_unlisted=settings.unknown_routes == "allow",
+            touch_interval=settings.last_used_interval,
         )
-    verdict = await request.app[verifier_key].verify(request.headers, "GET", "/api/v1/me")
-    if verdict.denial is not None:
-        return _refusal(verdict)
-    record = verdict.record
-    assert record is not None
-    body = orjson.dumps(
-        {
-            "data": {
-                "account": {"id": record.account_id, "name": record.account_name},
-                "key": {"id": record.key_id, "scopes": record.scopes},
-            }
+        self._routes: dict[str, tuple[Handler, frozenset[str] | None]] = {
+            "/auth": (self.auth, None),
+            "/forward-auth": (self.forward_auth, None),
+            "/api/v1/me": (self.me, _GET),
+            "/healthz": (self.healthz, _GET),
+            "/readyz": (self.readyz, _GET),
+            "/metrics": (self.metrics_page, _GET),
         }
-    )
-    return _json(200, body, verdict.rate_headers())
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer *request* from the endpoint at its path."""
+        route = self._routes.get(request.path)
+        if route is None:
+            return _json(404, NOT_FOUND_BODY, {})
+        handler, methods = route
+        if methods is not None and request.method not in methods:
+            return _json(405, METHOD_NOT_ALLOWED_BODY, {"Allow": "GET, HEAD"})
+        return await handler(request)
+
+    async def close(self) -> None:
+        """Close the connection to Redis."""
+        await self.client.aclose()
+
+    async def auth(self, request: web.BaseRequest) -> web.Response:
+        """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render.
+
+        The original request comes as X-Original-Method and X-Original-URI (nginx), or
+        X-Original-URL, a full URL (ingress-nginx).
+        """
+        h = request.headers
+        uri = h.get(ORIGINAL_URI)
+        if uri is None and (url := h.get(ORIGINAL_URL)) is not None:
+            uri = _target_of(url)
+        if uri is None:
+            log.error(
+                "auth request without X-Original-URI or X-Original-URL; check the nginx snippet"
+            )
+            return _nginx_refusal(decision.MISCONFIGURED, {})
+        verdict = await self.verifier.verify(h, h.get(ORIGINAL_METHOD, "GET"), uri)
+        if verdict.denial is not None:
+            return _nginx_refusal(verdict.denial, verdict.rate_headers())
+        return web.Response(headers=_identity(verdict))
+
+    async def forward_auth(self, request: web.BaseRequest) -> web.Response:
+        """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal as is.
+
+        The original request comes as X-Forwarded-Method and X-Forwarded-Uri.  This is a
+        separate endpoint so that a header a client can send (X-Original-URI reaches a
+        forward-auth server untouched) can never choose the route that is checked.
+        """
+        h = request.headers
+        uri = h.get(FORWARDED_URI)
+        if uri is None:
+            log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
+            return _refusal(Verdict(decision.MISCONFIGURED))
+        verdict = await self.verifier.verify(h, h.get(FORWARDED_METHOD, "GET"), uri)
+        if verdict.denial is not None:
+            return _refusal(verdict)
+        return web.Response(headers=_identity(verdict))
+
+    async def me(self, request: web.BaseRequest) -> web.Response:
+        """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
+        verdict = await self.verifier.verify(request.headers, "GET", "/api/v1/me")
+        if verdict.denial is not None:
+            return _refusal(verdict)
+        record = verdict.record
+        assert record is not None
+        body = orjson.dumps(
+            {
+                "data": {
+                    "account": {"id": record.account_id, "name": record.account_name},
+                    "key": {"id": record.key_id, "scopes": record.scopes},
+                }
+            }
+        )
+        return _json(200, body, verdict.rate_headers())
+
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
+        """Tell that the process is up."""
+        return _json(200, b'{"status":"ok"}', {})
+
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
+        """Tell whether Redis answers, so the sidecar can take traffic."""
+        if await self.verifier.store.ping():
+            return _json(200, b'{"status":"ready"}', {})
+        return _json(503, b'{"status":"redis unavailable"}', {"Retry-After": "1"})
+
+    async def metrics_page(self, request: web.BaseRequest) -> web.Response:
+        """Expose the metrics in Prometheus's text format."""
+        return web.Response(
+            body=self.metrics.exposition(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"Cache-Control": "no-store"},
+        )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Tell that the process is up."""
-    return _json(200, b'{"status":"ok"}', {})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Tell whether Redis answers, so the sidecar can take traffic."""
-    if await request.app[verifier_key].store.ping():
-        return _json(200, b'{"status":"ready"}', {})
-    return _json(503, b'{"status":"redis unavailable"}', {"Retry-After": "1"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """Expose the metrics in Prometheus's text format."""
-    return web.Response(
-        body=request.app[metrics_key].exposition(),
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"Cache-Control": "no-store"},
-    )
+_GET = frozenset({"GET", "HEAD"})
 
 
 def _identity(verdict: Verdict) -> dict[str, str]:
@@ -197,18 +229,3 @@ def _nginx_form(denial: Denial) -> tuple[int, dict[str, str]]:
 
 def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
     return web.Response(status=status, body=body, headers=headers, content_type="application/json")
-
-
-async def _verifier_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[settings_key]
-    client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
-    store = KeyStore(client, Keyspace(settings.redis_prefix), settings.rate_limit)
-    app[verifier_key] = Verifier(
-        store,
-        app[policy_key],
-        app[metrics_key],
-        allow_unlisted=settings.unknown_routes == "allow",
-        touch_interval=settings.last_used_interval,
-    )
-    yield
-    await client.aclose()

@@ -17,7 +17,7 @@ from types import FrameType
 
 from aiohttp import web
 
-from sidecar.app import create_app
+from sidecar.app import HANDLER_ARGS, Gate
 from sidecar.logs import log_config
 from sidecar.metrics import COUNTS_GLOB, MULTIPROC_ENV
 from sidecar.settings import Settings
@@ -34,16 +34,28 @@ RESTART_PERIOD = 10.0
 def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve *settings* in this process until SIGINT or SIGTERM."""
     use_uvloop()
-    log.info("listening on %s:%d (pid %d)", settings.host, settings.port, os.getpid())
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    asyncio.run(_serve(settings, reuse_port=reuse_port))
+
+
+async def _serve(settings: Settings, *, reuse_port: bool) -> None:
+    gate = Gate(settings)
+    runner = web.ServerRunner(
+        web.Server(gate, access_log=None, **HANDLER_ARGS), shutdown_timeout=SHUTDOWN_TIMEOUT
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+        await site.start()
+        log.info("listening on %s:%d (pid %d)", settings.host, settings.port, os.getpid())
+        await stop.wait()
+        log.info("stopping: finishing the requests in flight")
+    finally:
+        await runner.cleanup()  # stops listening, then waits for the handlers in flight
+        await gate.close()
 
 
 def _worker(settings: Settings) -> None:

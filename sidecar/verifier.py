@@ -7,7 +7,8 @@ import time
 from functools import lru_cache
 from typing import NamedTuple
 
-from multidict import CIMultiDictProxy
+from aiohttp.hdrs import AUTHORIZATION
+from multidict import CIMultiDictProxy, istr
 
 from sidecar import decision
 from sidecar.apikeys import key_from_authorization
@@ -18,6 +19,10 @@ from sidecar.routes import BadPath, Policy, normalise
 from sidecar.store import KeyStore, Lookup, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+LIMIT_HEADER = istr("X-RateLimit-Limit")
+REMAINING_HEADER = istr("X-RateLimit-Remaining")
+RESET_HEADER = istr("X-RateLimit-Reset")
 
 #: Past this many keys, the memory of when each was last noted is forgotten and starts anew.
 _MAX_TOUCHED = 100_000
@@ -36,9 +41,9 @@ class Verdict(NamedTuple):
         if lk is None or lk.remaining < 0:
             return {}
         return {
-            "X-RateLimit-Limit": str(lk.limit),
-            "X-RateLimit-Remaining": str(lk.remaining),
-            "X-RateLimit-Reset": str(lk.reset),
+            LIMIT_HEADER: str(lk.limit),
+            REMAINING_HEADER: str(lk.remaining),
+            RESET_HEADER: str(lk.reset),
         }
 
 
@@ -120,7 +125,7 @@ def _inspect(headers: CIMultiDictProxy[str], uri: str) -> Denial | tuple[str, st
         path = normalise(uri)
     except BadPath:
         return decision.BAD_PATH
-    values = headers.getall("Authorization", ())
+    values = headers.getall(AUTHORIZATION, ())
     if not values:
         return decision.NO_CREDENTIAL
     key = key_from_authorization(values[0]) if len(values) == 1 else None

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 from redis.asyncio import Redis
 
 from demo import procs
 from sidecar import apikeys, records
-from sidecar.app import create_app
+from sidecar.app import HANDLER_ARGS, Gate
 from sidecar.records import KeyRecord, Keyspace, RateLimit
 from sidecar.settings import Settings
 from tests.conftest import RedisServer
 
-Client = TestClient[web.Request, web.Application]
+Client = TestClient[web.BaseRequest, web.Server]
 MakeClient = Callable[..., Awaitable[Client]]
 
 
@@ -35,8 +35,26 @@ def fake(redis: Redis) -> Redis:
 
 
 @pytest.fixture
-async def client(aiohttp_client: MakeClient, settings: Settings) -> Client:
-    return await aiohttp_client(create_app(settings))
+async def make_client(
+    aiohttp_raw_server: Callable[..., Awaitable[RawTestServer]],
+    aiohttp_client: Callable[[RawTestServer], Awaitable[Client]],
+) -> AsyncIterator[MakeClient]:
+    """Serve a `Gate` for the settings given, as the sidecar does; close it afterwards."""
+    gates: list[Gate] = []
+
+    async def make(settings: Settings) -> Client:
+        gate = Gate(settings)
+        gates.append(gate)
+        return await aiohttp_client(await aiohttp_raw_server(gate, **HANDLER_ARGS))
+
+    yield make
+    for gate in gates:
+        await gate.close()
+
+
+@pytest.fixture
+async def client(make_client: MakeClient, settings: Settings) -> Client:
+    return await make_client(settings)
 
 
 async def put(fake: Any, scopes: tuple[str, ...] = (), expires_at_ms: int | None = None) -> str:
@@ -163,19 +181,35 @@ async def test_me_refuses_other_methods(client: Client, fake: Any) -> None:
     assert resp.headers["Allow"] == "GET, HEAD"
 
 
+async def test_other_paths_get_a_json_404(client: Client) -> None:
+    for path in ("/", "/authx", "/auth/", "/api/v1/contacts"):
+        resp = await client.get(path)
+        assert resp.status == 404, path
+        assert await resp.json() == {"error": {"code": "not_found", "message": "Not found"}}
+
+
+async def test_health_pages_answer_get_and_head_only(client: Client) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await client.head(path)).status == 200, path
+        resp = await client.post(path)
+        assert resp.status == 405, path
+        assert resp.headers["Allow"] == "GET, HEAD"
+        assert (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
 async def test_unknown_routes_can_be_allowed(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(replace(settings, unknown_routes="allow")))
+    client = await make_client(replace(settings, unknown_routes="allow"))
     key = await put(fake, ())
     assert (await client.get("/auth", headers=nginx("/internal/x", key))).status == 200
     assert (await client.get("/auth", headers=nginx("/api/v1/webhooks", key))).status == 403
 
 
 async def test_a_lower_case_method_is_held_to_its_routes_scope(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(replace(settings, unknown_routes="allow")))
+    client = await make_client(replace(settings, unknown_routes="allow"))
     key = await put(fake, ())
     headers = {
         "X-Forwarded-Uri": "/api/v1/webhooks",
@@ -185,9 +219,9 @@ async def test_a_lower_case_method_is_held_to_its_routes_scope(
     assert (await client.get("/forward-auth", headers=headers)).status == 403
 
 
-async def test_redis_unreachable_fails_closed(aiohttp_client: MakeClient) -> None:
+async def test_redis_unreachable_fails_closed(make_client: MakeClient) -> None:
     closed = f"redis://127.0.0.1:{procs.free_port()}/0"
-    client = await aiohttp_client(create_app(Settings(redis_url=closed)))
+    client = await make_client(Settings(redis_url=closed))
     key = apikeys.mint().plaintext
     resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
     assert resp.status == 503
@@ -201,9 +235,9 @@ async def test_ready_when_redis_answers(client: Client) -> None:
 
 
 async def test_redis_prefix_is_honoured(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(replace(settings, redis_prefix="t2:")))
+    client = await make_client(replace(settings, redis_prefix="t2:"))
     key = await put(fake, ())  # stored under the default prefix: another deployment's key
     assert (await client.get("/auth", headers=nginx("/api/v1/me", key))).status == 401
 
@@ -217,20 +251,20 @@ async def test_allowed_requests_carry_rate_limit_headers(client: Client, fake: R
 
 
 async def _exhaust(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis, headers: dict[str, str]
+    make_client: MakeClient, settings: Settings, fake: Redis, headers: dict[str, str]
 ) -> Client:
-    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(2, 60_000))))
+    client = await make_client(replace(settings, rate_limit=RateLimit(2, 60_000)))
     for _ in range(2):
         assert (await client.get("/auth", headers=headers)).status == 200
     return client
 
 
 async def test_over_the_limit_travels_to_nginx_as_403_with_429(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
     key = await put(fake, ("contacts:read",))
     headers = nginx("/api/v1/contacts", key)
-    client = await _exhaust(aiohttp_client, settings, fake, headers)
+    client = await _exhaust(make_client, settings, fake, headers)
     resp = await client.get("/auth", headers=headers)
     assert resp.status == 403
     assert resp.headers["X-Wacrm-Status"] == "429"
@@ -242,11 +276,11 @@ async def test_over_the_limit_travels_to_nginx_as_403_with_429(
 
 
 async def test_scope_refusals_count_against_the_limit(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
     key = await put(fake, ())
     headers = nginx("/api/v1/contacts", key)
-    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(2, 60_000))))
+    client = await make_client(replace(settings, rate_limit=RateLimit(2, 60_000)))
     statuses = [
         (await client.get("/auth", headers=headers)).headers["X-Wacrm-Status"] for _ in range(3)
     ]
@@ -254,9 +288,9 @@ async def test_scope_refusals_count_against_the_limit(
 
 
 async def test_unknown_keys_do_not_count(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(1, 60_000))))
+    client = await make_client(replace(settings, rate_limit=RateLimit(1, 60_000)))
     unknown = apikeys.mint().plaintext
     for _ in range(3):
         assert (await client.get("/auth", headers=nginx("/api/v1/me", unknown))).status == 401
@@ -264,11 +298,11 @@ async def test_unknown_keys_do_not_count(
 
 
 async def test_forward_auth_sends_a_real_429(
-    aiohttp_client: MakeClient, settings: Settings, fake: Redis
+    make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
     key = await put(fake, ())
     headers = {"X-Forwarded-Uri": "/api/v1/me", "Authorization": f"Bearer {key}"}
-    client = await aiohttp_client(create_app(replace(settings, rate_limit=RateLimit(1, 60_000))))
+    client = await make_client(replace(settings, rate_limit=RateLimit(1, 60_000)))
     assert (await client.get("/forward-auth", headers=headers)).status == 200
     resp = await client.get("/forward-auth", headers=headers)
     assert resp.status == 429
@@ -276,9 +310,9 @@ async def test_forward_auth_sends_a_real_429(
     assert resp.headers["X-RateLimit-Limit"] == "1"
 
 
-async def test_rate_limit_off(aiohttp_client: MakeClient, settings: Settings, fake: Redis) -> None:
+async def test_rate_limit_off(make_client: MakeClient, settings: Settings, fake: Redis) -> None:
     key = await put(fake, ())
-    client = await aiohttp_client(create_app(replace(settings, rate_limit=None)))
+    client = await make_client(replace(settings, rate_limit=None))
     for _ in range(5):
         resp = await client.get("/auth", headers=nginx("/api/v1/me", key))
         assert resp.status == 200
@@ -315,9 +349,9 @@ async def test_metrics_count_decisions_by_outcome_and_reason(client: Client, fak
     assert "wacrm_gate_verify_seconds_count 3.0" in text
 
 
-async def test_metrics_count_redis_failures(aiohttp_client: MakeClient) -> None:
+async def test_metrics_count_redis_failures(make_client: MakeClient) -> None:
     closed = f"redis://127.0.0.1:{procs.free_port()}/0"
-    client = await aiohttp_client(create_app(Settings(redis_url=closed)))
+    client = await make_client(Settings(redis_url=closed))
     await client.get("/auth", headers=nginx("/api/v1/me", apikeys.mint().plaintext))
     text = await (await client.get("/metrics")).text()
     assert 'wacrm_gate_redis_errors_total{kind="connection"} 1.0' in text
