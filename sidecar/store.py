@@ -86,14 +86,18 @@ class KeyStore:
             return
         ks = self.keyspace
         args: list[bytes | str | int] = [2 * len(batch)]
-        for key_hash, _ in batch:
-            args += (ks.record(key_hash), ks.rate(key_hash))
-        args += self._limit_args
-        reply = self.client.send(b"EVALSHA", _CHECK_SHA, *args, flush=True)
-        if reply is None:  # not connected: connect first, in a task of its own
-            reply = self._connecting = asyncio.ensure_future(
-                self.client.execute(b"EVALSHA", _CHECK_SHA, *args)
-            )
+        try:
+            for key_hash, _ in batch:
+                args += (ks.record(key_hash), ks.rate(key_hash))
+            args += self._limit_args
+            reply = self.client.send(b"EVALSHA", _CHECK_SHA, *args, flush=True)
+            if reply is None:  # not connected: connect first, in a task of its own
+                reply = self._connecting = asyncio.ensure_future(
+                    self.client.execute(b"EVALSHA", _CHECK_SHA, *args)
+                )
+        except Exception as e:  # refuse the batch rather than leave it waiting forever
+            self._fail(batch, StoreUnavailable("reply", f"cannot send: {e!r}"))
+            return
         reply.add_done_callback(partial(self._answer, batch, args, False))
 
     def _answer(

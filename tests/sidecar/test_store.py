@@ -176,6 +176,8 @@ class _OddClient:
     def send(self, *args: object, flush: bool = False) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         reply = self.replies.pop(0)
+        if isinstance(reply, TypeError):  # a fault in sending itself
+            raise reply
         if isinstance(reply, Exception):
             fut.set_exception(reply)
         else:
@@ -189,4 +191,14 @@ async def test_an_unexpected_failure_refuses_its_batch_and_leaves_the_store_usab
         await asyncio.wait_for(store.check("78" * 32), 2)
     assert refused.value.kind == "reply"
     # The next batch goes out and is answered.
+    assert await asyncio.wait_for(store.check("78" * 32), 2) is None
+
+
+async def test_a_fault_in_sending_refuses_its_batch_and_leaves_the_store_usable() -> None:
+    client = _OddClient([None, 0, 0, 0, 0, 0])
+    client.replies[0] = TypeError("cannot send")
+    store = KeyStore(client, KS, None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable) as refused:
+        await asyncio.wait_for(store.check("78" * 32), 2)
+    assert refused.value.kind == "reply"
     assert await asyncio.wait_for(store.check("78" * 32), 2) is None
