@@ -19,7 +19,7 @@ from sidecar.resp import RespClient
 from sidecar.routes import Policy, load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
-from sidecar.verifier import Verdict, Verifier
+from sidecar.verifier import Headers, Verdict, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ class Gate:
         """Answer *request* from the endpoint at its path."""
         route = self._routes.get(request.path)
         if route is None:
-            return _json(404, NOT_FOUND_BODY, {})
+            return _json(404, NOT_FOUND_BODY, ())
         handler, methods = route
         if methods is not None and request.method not in methods:
-            return _json(405, METHOD_NOT_ALLOWED_BODY, {"Allow": "GET, HEAD"})
+            return _json(405, METHOD_NOT_ALLOWED_BODY, (("Allow", "GET, HEAD"),))
         return await handler(request)
 
     async def close(self) -> None:
@@ -106,11 +106,11 @@ class Gate:
             log.error(
                 "auth request without X-Original-URI or X-Original-URL; check the nginx snippet"
             )
-            return _nginx_refusal(decision.MISCONFIGURED, {})
+            return _nginx_refusal(decision.MISCONFIGURED, ())
         verdict = await self.verifier.verify(h, h.get(ORIGINAL_METHOD, "GET"), uri)
         if verdict.denial is not None:
             return _nginx_refusal(verdict.denial, verdict.rate_headers())
-        return web.Response(headers=_identity(verdict))
+        return _allowed(verdict)
 
     async def forward_auth(self, request: web.BaseRequest) -> web.Response:
         """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal as is.
@@ -127,7 +127,7 @@ class Gate:
         verdict = await self.verifier.verify(h, h.get(FORWARDED_METHOD, "GET"), uri)
         if verdict.denial is not None:
             return _refusal(verdict)
-        return web.Response(headers=_identity(verdict))
+        return _allowed(verdict)
 
     async def me(self, request: web.BaseRequest) -> web.Response:
         """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
@@ -148,13 +148,13 @@ class Gate:
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
         """Tell that the process is up."""
-        return _json(200, b'{"status":"ok"}', {})
+        return _json(200, b'{"status":"ok"}', ())
 
     async def readyz(self, request: web.BaseRequest) -> web.Response:
         """Tell whether Redis answers, so the sidecar can take traffic."""
         if await self.verifier.store.ping():
-            return _json(200, b'{"status":"ready"}', {})
-        return _json(503, b'{"status":"redis unavailable"}', {"Retry-After": "1"})
+            return _json(200, b'{"status":"ready"}', ())
+        return _json(503, b'{"status":"redis unavailable"}', (("Retry-After", "1"),))
 
     async def metrics_page(self, request: web.BaseRequest) -> web.Response:
         """Expose the metrics in Prometheus's text format."""
@@ -169,21 +169,22 @@ class Gate:
 _GET = frozenset({"GET", "HEAD"})
 
 
-def _identity(verdict: Verdict) -> dict[str, str]:
+def _allowed(verdict: Verdict) -> web.Response:
+    """Let the request through: the key's identity, and where it stands on its rate limit."""
     assert verdict.lookup is not None
-    return {**_identity_of(verdict.lookup.raw), **verdict.rate_headers()}
+    return web.Response(headers=(*_identity_of(verdict.lookup.raw), *verdict.rate_headers()))
 
 
 @lru_cache(maxsize=16384)
-def _identity_of(raw: bytes) -> dict[str, str]:
+def _identity_of(raw: bytes) -> Headers:
     # Cached by the stored bytes, as the verifier caches records: a changed record is a new
-    # entry.  Never mutate the result.
+    # entry.
     record = decode(raw)
-    return {
-        ACCOUNT_HEADER: record.account_id,
-        KEY_HEADER: record.key_id,
-        SCOPES_HEADER: " ".join(record.scopes),
-    }
+    return (
+        (ACCOUNT_HEADER, record.account_id),
+        (KEY_HEADER, record.key_id),
+        (SCOPES_HEADER, " ".join(record.scopes)),
+    )
 
 
 def _target_of(url: str) -> str:
@@ -198,23 +199,22 @@ def _target_of(url: str) -> str:
 def _refusal(verdict: Verdict) -> web.Response:
     denial = verdict.denial
     assert denial is not None
-    return _json(denial.status, denial.body, {**dict(denial.headers), **verdict.rate_headers()})
+    return _json(denial.status, denial.body, (*denial.headers, *verdict.rate_headers()))
 
 
-def _nginx_refusal(denial: Denial, rate_headers: dict[str, str]) -> web.Response:
+def _nginx_refusal(denial: Denial, rate_headers: Headers) -> web.Response:
     """Squeeze *denial* into what auth_request passes on: 401 or 403, plus the real status."""
     status, headers = _nginx_form(denial)
-    return web.Response(status=status, headers={**headers, **rate_headers})
+    return web.Response(status=status, headers=(*headers, *rate_headers))
 
 
 @lru_cache(maxsize=1024)
-def _nginx_form(denial: Denial) -> tuple[int, dict[str, str]]:
+def _nginx_form(denial: Denial) -> tuple[int, Headers]:
     """Return the status and headers that carry *denial* through auth_request.
 
     Any status but 2xx, 401 and 403 becomes nginx's 500, which the shipped snippets turn into
     503; so 400 and 429 travel as 403, with the real status in X-Wacrm-Status.  nginx copies
     WWW-Authenticate from a 401 by itself; on a 403 the snippet adds it from X-Wacrm-Challenge.
-    The result is shared: never mutate it.
     """
     status = denial.status if denial.status in (401, 403, 500, 503) else 403
     headers = {
@@ -224,8 +224,8 @@ def _nginx_form(denial: Denial) -> tuple[int, dict[str, str]]:
     }
     if status != 401 and "WWW-Authenticate" in headers:
         headers[CHALLENGE_HEADER] = headers.pop("WWW-Authenticate")
-    return status, headers
+    return status, tuple(headers.items())
 
 
-def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
+def _json(status: int, body: bytes, headers: Headers) -> web.Response:
     return web.Response(status=status, body=body, headers=headers, content_type="application/json")

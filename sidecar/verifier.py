@@ -20,6 +20,9 @@ from sidecar.store import KeyStore, Lookup, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Response headers as (name, value) pairs: cheaper to build and to hand to aiohttp than dicts.
+Headers = tuple[tuple[str, str], ...]
+
 LIMIT_HEADER = istr("X-RateLimit-Limit")
 REMAINING_HEADER = istr("X-RateLimit-Remaining")
 RESET_HEADER = istr("X-RateLimit-Reset")
@@ -35,16 +38,16 @@ class Verdict(NamedTuple):
     record: KeyRecord | None = None
     lookup: Lookup | None = None
 
-    def rate_headers(self) -> dict[str, str]:
+    def rate_headers(self) -> Headers:
         """Return the X-RateLimit-* headers of a counted request (none for an unlimited key)."""
         lk = self.lookup
         if lk is None or lk.remaining < 0:
-            return {}
-        return {
-            LIMIT_HEADER: str(lk.limit),
-            REMAINING_HEADER: str(lk.remaining),
-            RESET_HEADER: str(lk.reset),
-        }
+            return ()
+        return (
+            (LIMIT_HEADER, str(lk.limit)),
+            (REMAINING_HEADER, str(lk.remaining)),
+            (RESET_HEADER, str(lk.reset)),
+        )
 
 
 class Verifier:
