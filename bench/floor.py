@@ -1,13 +1,15 @@
 """The floor: an aiohttp ``/auth`` that answers 200 and does nothing, run like the sidecar.
 
-With ``--redis-url`` it does one thing: it awaits one Redis GET per request, through the
-sidecar's own client, before answering.  That measures what a single Redis round trip costs
-on its own, next to which the gate's checks can be read.
+With ``--low-level`` it is served as the sidecar is: by aiohttp's low-level server, with no
+`web.Application` around the handler.  With ``--redis-url`` it does one thing: it awaits one
+Redis GET per request, through the sidecar's own client, before answering.  That measures
+what a single Redis round trip costs on its own, next to which the gate's checks can be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 
@@ -15,12 +17,12 @@ from aiohttp import web
 
 from sidecar.app import HANDLER_ARGS
 from sidecar.resp import RespClient
-from sidecar.server import SHUTDOWN_TIMEOUT, use_uvloop
+from sidecar.server import SHUTDOWN_TIMEOUT, run_server, use_uvloop
 
 client_key = web.AppKey("client", RespClient)
 
 
-async def ok(request: web.Request) -> web.Response:
+async def ok(request: web.BaseRequest) -> web.Response:
     """Let every request through."""
     return web.Response()
 
@@ -55,8 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--reuse-port", action="store_true", help="share the port (workers)")
     parser.add_argument("--redis-url", help="await one GET on this Redis per request")
+    parser.add_argument(
+        "--low-level", action="store_true", help="serve as the sidecar does, with no Application"
+    )
     args = parser.parse_args(argv)
     use_uvloop()
+    if args.low_level:
+        if args.redis_url:
+            parser.error("--low-level serves the plain floor only")
+        asyncio.run(run_server(ok, args.host, args.port, reuse_port=args.reuse_port))
+        return 0
     web.run_app(
         create_app(args.redis_url),
         host=args.host,

@@ -1,9 +1,12 @@
 """Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
 
-Run ``.venv/bin/python bench/gate.py --help``.  Seven cases, each through nginx with one worker:
+Run ``.venv/bin/python bench/gate.py --help``.  Eight cases, each through nginx with one worker:
 
 ceiling        nginx proxies to the upstream, no auth at all
-floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py)
+floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py):
+               the yardstick, in a `web.Application` as aiohttp apps usually are
+floor, low     the same handler on aiohttp's low-level server, as the sidecar is served: the
+               least any aiohttp auth service costs
 floor + GET    the same handler awaiting one Redis GET through the sidecar's Redis client
                first: what one round trip to Redis costs by itself, with no checks at all
 gate, valid    the real sidecar, a real key in Redis, identity injected upstream
@@ -137,17 +140,20 @@ class Bench:
         self.sidecar = sidecar
 
         floors = self._floors(workers, env)
+        low_floors = self._floors(workers, env, low_level=True)
         get_floors = self._floors(workers, env, redis_url=redis_url)
 
         gate_ports = stack.NginxPorts(
             procs.free_port(), sidecar.port, procs.free_port(), procs.free_port()
         )
         floor_ports = stack.NginxPorts(procs.free_port(), floors[0].port, procs.free_port())
+        low_ports = stack.NginxPorts(procs.free_port(), low_floors[0].port, procs.free_port())
         get_ports = stack.NginxPorts(procs.free_port(), get_floors[0].port, procs.free_port())
         gate_nginx = stack.nginx(self.workdir / "nginx-gate", gate_ports)
         floor_nginx = stack.nginx(self.workdir / "nginx-floor", floor_ports)
+        low_nginx = stack.nginx(self.workdir / "nginx-floor-low", low_ports)
         get_nginx = stack.nginx(self.workdir / "nginx-floor-get", get_ports)
-        for n in (gate_nginx, floor_nginx, get_nginx):
+        for n in (gate_nginx, floor_nginx, low_nginx, get_nginx):
             self._spawn(n)
         if workers > 1:
             time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
@@ -155,9 +161,11 @@ class Bench:
         self.redis_pids = [_pid(redis)]
         sidecar_pids = [_pid(sidecar)]
         floor_pids = [_pid(f) for f in floors]
+        low_pids = [_pid(f) for f in low_floors]
         get_pids = [_pid(f) for f in get_floors]
         gate_nginx_pids = [_pid(gate_nginx)]
         floor_nginx_pids = [_pid(floor_nginx)]
+        low_nginx_pids = [_pid(low_nginx)]
         get_nginx_pids = [_pid(get_nginx)]
         bearer = f"Bearer {key}"
         valid_many = [f"Bearer {k}" for k in many]
@@ -167,6 +175,8 @@ class Bench:
             Case("ceiling (no auth)", gate_ports.ceiling, 200, [bearer], [], gate_nginx_pids),
             Case("floor (200-only aiohttp)", floor_ports.listen, 200, [bearer], floor_pids,
                  floor_nginx_pids),
+            Case("floor, low-level server", low_ports.listen, 200, [bearer], low_pids,
+                 low_nginx_pids),
             Case("floor + one Redis GET", get_ports.listen, 200, [bearer], get_pids,
                  get_nginx_pids),
             Case("gate, valid key", gate_ports.listen, 200, [bearer], sidecar_pids,
@@ -190,16 +200,23 @@ class Bench:
         return cases
 
     def _floors(
-        self, workers: int, env: dict[str, str], *, redis_url: str | None = None
+        self,
+        workers: int,
+        env: dict[str, str],
+        *,
+        redis_url: str | None = None,
+        low_level: bool = False,
     ) -> list[procs.Process]:
-        """Start the floor app, one process a worker sharing a port; with *redis_url*, a GET."""
+        """Start the floor, one process a worker sharing a port: with *redis_url*, a GET each;
+        with *low_level*, on aiohttp's low-level server."""
         port = procs.free_port()
-        name = "floor-get" if redis_url else "floor"
+        name = "floor-get" if redis_url else "floor-low" if low_level else "floor"
         floors = [
             procs.Process(
                 [sys.executable, "-m", "bench.floor", "--port", str(port)]
                 + (["--reuse-port"] if workers > 1 else [])
-                + (["--redis-url", redis_url] if redis_url else []),
+                + (["--redis-url", redis_url] if redis_url else [])
+                + (["--low-level"] if low_level else []),
                 port=port,
                 log=self.workdir / f"{name}-{i}.log",
                 env={**os.environ, **env},

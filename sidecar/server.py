@@ -11,6 +11,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -39,8 +40,26 @@ def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
 async def _serve(settings: Settings, *, reuse_port: bool) -> None:
     gate = Gate(settings)
+    try:
+        await run_server(gate, settings.host, settings.port, reuse_port=reuse_port)
+    finally:
+        await gate.close()
+
+
+async def run_server(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+) -> None:
+    """Serve *handler* on aiohttp's low-level server until SIGINT or SIGTERM.
+
+    On a signal it stops listening and gives the requests in flight `SHUTDOWN_TIMEOUT`
+    seconds to finish.
+    """
     runner = web.ServerRunner(
-        web.Server(gate, access_log=None, **HANDLER_ARGS), shutdown_timeout=SHUTDOWN_TIMEOUT
+        web.Server(handler, access_log=None, **HANDLER_ARGS), shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,14 +67,12 @@ async def _serve(settings: Settings, *, reuse_port: bool) -> None:
         loop.add_signal_handler(signum, stop.set)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
-        await site.start()
-        log.info("listening on %s:%d (pid %d)", settings.host, settings.port, os.getpid())
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        log.info("listening on %s:%d (pid %d)", host, port, os.getpid())
         await stop.wait()
         log.info("stopping: finishing the requests in flight")
     finally:
         await runner.cleanup()  # stops listening, then waits for the handlers in flight
-        await gate.close()
 
 
 def _worker(settings: Settings) -> None:

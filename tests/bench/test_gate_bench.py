@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-def test_harness_prints_seven_cases_with_positive_rates_and_no_errors() -> None:
+def test_harness_prints_eight_cases_with_positive_rates_and_no_errors() -> None:
     out = subprocess.run(
         [sys.executable, "bench/gate.py", "--duration", "1", "--rounds", "1", "--warmup", "0",
          "--connections", "4"],
@@ -34,6 +34,7 @@ def test_harness_prints_seven_cases_with_positive_rates_and_no_errors() -> None:
     assert [row[0] for row in rows] == [
         "ceiling (no auth)",
         "floor (200-only aiohttp)",
+        "floor, low-level server",
         "floor + one Redis GET",
         "gate, valid key",
         "gate, 1,000 valid keys",
