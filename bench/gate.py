@@ -98,6 +98,7 @@ class Bench:
         self.args = args
         self.notes: list[str] = []
         self.started: list[procs.Process] = []
+        self.cases = 0
 
     def run(self) -> int:
         try:
@@ -113,10 +114,13 @@ class Bench:
 
     def _start(self) -> list[Case]:
         a = self.args
-        redis = procs.redis_server(self.workdir)
+        socket = self.workdir / "redis.sock" if a.redis_socket else None
+        redis = procs.redis_server(self.workdir, unix_socket=socket)
         self._spawn(redis)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
         key, *many = _put_keys(redis_url, 1 + VALID_POOL)
+        if socket is not None:  # the sidecar and "floor + GET" talk to Redis through it
+            redis_url = f"unix://{socket}?db=0"
 
         sidecar_help = _sidecar_help()
         workers = a.workers
@@ -197,6 +201,7 @@ class Bench:
                 expected=case.expected,
             )
             _preflight(case, account_id=ACCOUNT_ID if "valid" in case.name else None)
+        self.cases = len(cases)
         return cases
 
     def _floors(
@@ -334,7 +339,8 @@ class Bench:
         mode = (
             f"{a.soak:g} s soak of the valid-key case"
             if a.soak
-            else f"{a.rounds} round(s) of the 7 cases, order rotated each round, {a.duration:g} s"
+            else f"{a.rounds} round(s) of the {self.cases} cases, order rotated each round,"
+            f" {a.duration:g} s"
             f" a run after a {a.warmup:g} s warm-up; the median round is shown"
         )
         return "\n".join(
@@ -346,7 +352,8 @@ class Bench:
                 f" {_version(['wrk', '-v'])} ({a.threads} thread(s), {a.connections}"
                 f" connections), {_version(['redis-server', '--version'])},"
                 f" Python {platform.python_version()};"
-                f" GET {stack.PATH}; {mode}.",
+                f" GET {stack.PATH}; {mode}; Redis over"
+                f" {'a Unix socket' if a.redis_socket else 'TCP (127.0.0.1)'}.",
                 f"Sidecar: {_git_state()}, workers {self.workers}, WACRM_RATE_LIMIT"
                 f" {self.rate_limit or '(not set)'}.",
                 "Upstream: a `return 200` server inside the same nginx (echoes the injected"
@@ -532,6 +539,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="1000000000/1s",
         help="WACRM_RATE_LIMIT for the sidecar, if it has one: high, so the valid key is"
         " admitted while the limiter still runs; '' leaves the sidecar's default",
+    )
+    p.add_argument(
+        "--redis-socket",
+        action="store_true",
+        help="connect the sidecar (and the floor's GET) to Redis over a Unix socket, not TCP",
     )
     p.add_argument(
         "--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead"

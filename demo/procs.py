@@ -106,8 +106,10 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def redis_server(workdir: Path, port: int | None = None) -> Process:
-    """Return a throw-away redis-server (no persistence) on *port*."""
+def redis_server(
+    workdir: Path, port: int | None = None, *, unix_socket: Path | None = None
+) -> Process:
+    """Return a throw-away redis-server (no persistence) on *port*, and *unix_socket* if given."""
     port = port or free_port()
     argv = [
         find_binary("redis-server"),
@@ -126,6 +128,8 @@ def redis_server(workdir: Path, port: int | None = None) -> Process:
         "--protected-mode",
         "yes",
     ]
+    if unix_socket is not None:
+        argv += ["--unixsocket", str(unix_socket), "--unixsocketperm", "700"]
     return Process(argv, port=port, log=workdir / f"redis-{port}.log")
 
 
