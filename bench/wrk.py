@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ MARKER = "WRK-RESULT "
 _SCRIPT = """\
 -- Written by bench/wrk.py.
 local auths = dofile(%(values)s)
+local fixed = %(fixed)s
 local expected = %(expected)d
 local prepared = {}
 local n, i = 0, 0
@@ -32,6 +33,7 @@ end
 function init(args)
   for _, a in ipairs(auths) do
     local headers = {}
+    for name, value in pairs(fixed) do headers[name] = value end
     if a ~= "" then headers["Authorization"] = a end
     table.insert(prepared, wrk.format("GET", %(path)s, headers))
   end
@@ -96,18 +98,33 @@ class Result:
 
 
 def write_script(
-    workdir: Path, name: str, *, path: str, authorizations: Sequence[str], expected: int
+    workdir: Path,
+    name: str,
+    *,
+    path: str,
+    authorizations: Sequence[str],
+    expected: int,
+    headers: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the wrk script for one case: GET *path*, cycling through *authorizations*.
 
-    An empty authorization sends no header.  Returns the script's path.
+    An empty authorization sends no header; *headers* go with every request.  Returns the
+    script's path.
     """
     values = workdir / f"{name}.values.lua"
     values.write_text("return {\n" + "".join(f"  {_lua(a)},\n" for a in authorizations) + "}\n")
     script = workdir / f"{name}.lua"
     script.write_text(
         _SCRIPT
-        % {"values": _lua(str(values)), "expected": expected, "path": _lua(path), "marker": MARKER}
+        % {
+            "values": _lua(str(values)),
+            "fixed": "{"
+            + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in (headers or {}).items())
+            + "}",
+            "expected": expected,
+            "path": _lua(path),
+            "marker": MARKER,
+        }
     )
     return script
 

@@ -17,9 +17,12 @@ class RedisServer:
     """A redis-server on a free port that a test may stop and start again."""
 
     def __init__(self, workdir: Path) -> None:
-        self.process = procs.redis_server(workdir)
+        self.socket = workdir / "redis.sock"
+        self.process = procs.redis_server(workdir, unix_socket=self.socket)
         self.port = self.process.port
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        #: The same server and database through its Unix socket.
+        self.socket_url = f"unix://{self.socket}?db=0"
 
     def start(self) -> None:
         if not self.process.running:

@@ -61,3 +61,25 @@ def test_wrk_counts_every_response_with_another_status_as_an_error(tmp_path: Pat
     assert result.requests > 0
     assert result.statuses == {200: result.requests}
     assert result.errors >= result.requests
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_counts_cover_both_floors_and_the_gate() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--duration", "1", "--connections", "2"],
+        cwd=procs.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| target")]  # fmt: skip
+    assert [row[0] for row in rows] == [
+        "floor (web.Application)",
+        "floor, low-level server",
+        "gate, valid key",
+    ]
+    per_request = [float(row[2].replace(",", "")) for row in rows]
+    assert all(n > 10_000 for n in per_request), rows
+    assert rows[0][3] == "1.00"

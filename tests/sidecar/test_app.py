@@ -80,6 +80,17 @@ async def test_allow_carries_identity(client: Client, fake: Any) -> None:
     assert resp.headers["X-Wacrm-Scopes"] == "contacts:read contacts:write"
 
 
+async def test_redis_over_a_unix_socket(
+    make_client: MakeClient, redis_server: RedisServer, fake: Any
+) -> None:
+    client = await make_client(Settings(redis_url=redis_server.socket_url))
+    key = await put(fake, ("contacts:read",))
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", key))
+    assert resp.status == 200
+    assert resp.headers["X-Wacrm-Key-Id"] == "key-1"
+    assert (await client.get("/readyz")).status == 200
+
+
 async def test_subrequest_keeps_the_clients_method(client: Client, fake: Any) -> None:
     """nginx sends the auth subrequest with the client's method: /auth answers any."""
     key = await put(fake, ("messages:send",))

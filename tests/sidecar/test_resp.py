@@ -30,6 +30,24 @@ async def test_concurrent_commands_get_their_own_replies(
         await client.aclose()
 
 
+async def test_a_unix_socket_url_reaches_the_same_server_and_database(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    await redis.set("k", "over tcp")
+    other = Redis.from_url(redis_server.url.replace("/0", "/4"))
+    await other.set("k", "in db 4")
+    client = RespClient(redis_server.socket_url, timeout=2)
+    in_db_4 = RespClient(f"unix://{redis_server.socket}?db=4", timeout=2)
+    try:
+        assert await client.execute("GET", "k") == b"over tcp"
+        assert await in_db_4.execute("GET", "k") == b"in db 4"
+    finally:
+        await client.aclose()
+        await in_db_4.aclose()
+        await other.delete("k")
+        await other.aclose()
+
+
 async def test_error_reply_fails_only_its_command(redis: Redis, redis_server: RedisServer) -> None:
     await redis.set("k", "v")
     client = RespClient(redis_server.url, timeout=2)
