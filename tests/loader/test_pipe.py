@@ -22,6 +22,17 @@ async def test_calls_answer_in_order(redis: Redis, redis_server: RedisServer) ->
         await pipe.close()
 
 
+async def test_a_unix_socket_url_reaches_the_same_database(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    await redis.set("a", "over tcp")
+    pipe = await Pipe.open(redis_server.socket_url, connect_timeout=2)
+    try:
+        assert await pipe.call("GET", "a") == b"over tcp"
+    finally:
+        await pipe.close()
+
+
 async def test_a_batch_tallies_every_reply(redis: Redis, redis_server: RedisServer) -> None:
     pipe = await Pipe.open(redis_server.url, connect_timeout=2)
     try:
