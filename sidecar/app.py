@@ -16,7 +16,7 @@ from sidecar.decision import Denial
 from sidecar.metrics import Metrics
 from sidecar.records import Keyspace, decode
 from sidecar.resp import RespClient
-from sidecar.routes import Policy, load_policy
+from sidecar.routes import load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
 from sidecar.verifier import Headers, Verdict, Verifier
@@ -58,13 +58,13 @@ class Gate:
     Raise PolicyError for a bad route file.
     """
 
-    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
         self.verifier = Verifier(
             KeyStore(self.client, Keyspace(settings.redis_prefix), settings.rate_limit),
-            load_policy(settings.routes) if policy is None else policy,
+            load_policy(settings.routes),
             self.metrics,
             allow_unlisted=settings.unknown_routes == "allow",
             touch_interval=settings.last_used_interval,
