@@ -14,12 +14,12 @@ from multidict import istr
 from sidecar import decision
 from sidecar.decision import Denial
 from sidecar.metrics import Metrics
-from sidecar.records import Keyspace, decode
+from sidecar.records import Keyspace
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
-from sidecar.verifier import Headers, Verdict, Verifier
+from sidecar.verifier import Headers, Verdict, Verifier, decode_record
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,8 @@ def _allowed(verdict: Verdict) -> web.Response:
 
 @lru_cache(maxsize=16384)
 def _identity_of(raw: bytes) -> Headers:
-    # Cached by the stored bytes, as the verifier caches records: a changed record is a new
-    # entry.
-    record = decode(raw)
+    # Cached by the stored bytes, like the record the verifier decoded from them.
+    record = decode_record(raw)
     return (
         (ACCOUNT_HEADER, record.account_id),
         (KEY_HEADER, record.key_id),

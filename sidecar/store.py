@@ -64,6 +64,7 @@ class KeyStore:
         self._limit_args = (b"%d" % limit.limit, b"%d" % limit.window_ms)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
+        # The task connecting to Redis, if one is: held so that it is not garbage-collected.
         self._connecting: asyncio.Future[Any] | None = None
 
     def check(self, key_hash: str) -> asyncio.Future[Lookup | None]:

@@ -95,7 +95,7 @@ class Verifier:
         if lookup is None:
             return Verdict(decision.UNKNOWN)
         try:
-            record = _decode(lookup.raw)
+            record = decode_record(lookup.raw)
         except ValueError:
             log.error("unreadable record in redis; refusing the key")
             return Verdict(decision.UNKNOWN)
@@ -142,6 +142,6 @@ def _carries_reserved_headers(headers: CIMultiDictProxy[str]) -> bool:
     return "\nx-wacrm-" in names or "\nx_wacrm_" in names
 
 
-# Keyed by the stored bytes, version included: a rewritten record is a new entry, and every
-# request still reads Redis, so this saves parsing only, never a lookup.
-_decode = lru_cache(maxsize=16384)(decode)
+#: `decode`, cached by the stored bytes, version included: a rewritten record is a new entry,
+#: and every request still reads Redis, so this saves parsing only, never a lookup.
+decode_record = lru_cache(maxsize=16384)(decode)
