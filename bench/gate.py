@@ -118,7 +118,7 @@ class Bench:
         redis = procs.redis_server(self.workdir, unix_socket=socket)
         self._spawn(redis)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
-        key, *many = _put_keys(redis_url, 1 + VALID_POOL)
+        key, *many = put_keys(redis_url, 1 + VALID_POOL)
         if socket is not None:  # the sidecar and "floor + GET" talk to Redis through it
             redis_url = f"unix://{socket}?db=0"
 
@@ -424,7 +424,7 @@ def _errors(case: Case) -> str:
     return ", ".join(f"{n:,} x {what}" for what, n in sorted(counts.items()))
 
 
-def _put_keys(redis_url: str, count: int) -> list[str]:
+def put_keys(redis_url: str, count: int) -> list[str]:
     """Store *count* keys with the route's scope the way the loader does; return them."""
     keyspace = records.Keyspace()
     version = int(time.time() * 1000)

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import stack, wrk
-from bench.gate import _put_keys
+from bench.gate import put_keys
 from demo import procs
 
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis.start()
         try:
             redis_url = f"redis://127.0.0.1:{redis.port}/0"
-            (key,) = _put_keys(redis_url, 1)
+            (key,) = put_keys(redis_url, 1)
             script = wrk.write_script(
                 workdir,
                 "auth",
@@ -106,7 +106,8 @@ def _count(
     try:
         url = f"http://127.0.0.1:{port}/auth"
         wrk.run(script, url, duration=3, connections=args.connections, timeout=30)
-        pid = str(app.proc.pid) if app.proc else ""
+        assert app.proc is not None
+        pid = str(app.proc.pid)
         subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
         result = wrk.run(
             script, url, duration=args.duration, connections=args.connections, timeout=30

@@ -71,6 +71,14 @@ def nginx(uri: str, key: str | None = None, method: str = "GET") -> dict[str, st
     return h
 
 
+def forwarded(uri: str, key: str, method: str | None = None) -> dict[str, str]:
+    """The headers a forward-auth proxy sends; no X-Forwarded-Method unless *method*."""
+    h = {"X-Forwarded-Uri": uri, "Authorization": f"Bearer {key}"}
+    if method is not None:
+        h["X-Forwarded-Method"] = method
+    return h
+
+
 async def test_allow_carries_identity(client: Client, fake: Any) -> None:
     key = await put(fake, ("contacts:read", "contacts:write"))
     resp = await client.get("/auth", headers=nginx("/api/v1/contacts/1", key, "PATCH"))
@@ -150,12 +158,7 @@ async def test_ingress_nginx_full_url_is_understood(client: Client, fake: Any) -
 
 async def test_forward_auth_sends_real_status_and_body(client: Client, fake: Any) -> None:
     key = await put(fake, ("contacts:read",))
-    headers = {
-        "X-Forwarded-Uri": "/api/v1/contacts",
-        "X-Forwarded-Method": "POST",
-        "Authorization": f"Bearer {key}",
-    }
-    resp = await client.get("/forward-auth", headers=headers)
+    resp = await client.get("/forward-auth", headers=forwarded("/api/v1/contacts", key, "POST"))
     assert resp.status == 403
     assert resp.content_type == "application/json"
     assert (await resp.json())["error"]["code"] == "forbidden"
@@ -165,11 +168,7 @@ async def test_forward_auth_ignores_x_original_uri_from_the_client(
     client: Client, fake: Any
 ) -> None:
     key = await put(fake, ())
-    headers = {
-        "X-Forwarded-Uri": "/api/v1/webhooks",
-        "X-Original-URI": "/api/v1/me",
-        "Authorization": f"Bearer {key}",
-    }
+    headers = {**forwarded("/api/v1/webhooks", key), "X-Original-URI": "/api/v1/me"}
     assert (await client.get("/forward-auth", headers=headers)).status == 403
 
 
@@ -222,11 +221,7 @@ async def test_a_lower_case_method_is_held_to_its_routes_scope(
 ) -> None:
     client = await make_client(replace(settings, unknown_routes="allow"))
     key = await put(fake, ())
-    headers = {
-        "X-Forwarded-Uri": "/api/v1/webhooks",
-        "X-Forwarded-Method": "get",
-        "Authorization": f"Bearer {key}",
-    }
+    headers = forwarded("/api/v1/webhooks", key, "get")
     assert (await client.get("/forward-auth", headers=headers)).status == 403
 
 
@@ -312,7 +307,7 @@ async def test_forward_auth_sends_a_real_429(
     make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
     key = await put(fake, ())
-    headers = {"X-Forwarded-Uri": "/api/v1/me", "Authorization": f"Bearer {key}"}
+    headers = forwarded("/api/v1/me", key)
     client = await make_client(replace(settings, rate_limit=RateLimit(1, 60_000)))
     assert (await client.get("/forward-auth", headers=headers)).status == 200
     resp = await client.get("/forward-auth", headers=headers)
