@@ -14,7 +14,11 @@ LIVE_PREFIX = "wacrm_live_"
 DISPLAY_PREFIX_LENGTH = 19
 KEY_LENGTH = len(LIVE_PREFIX) + 43
 
-_KEY_RE = re.compile(r"wacrm_live_[A-Za-z0-9_-]{43}")
+_KEY = r"wacrm_live_[A-Za-z0-9_-]{43}"
+_KEY_RE = re.compile(_KEY)
+#: An Authorization value carrying a key: ``Bearer`` (any case), spaces, the key, spaces; or
+#: the bare key alone.  One regex, as the request path reads this on every request.
+_AUTHORIZATION_RE = re.compile(rf"[Bb][Ee][Aa][Rr][Ee][Rr] +({_KEY}) *|({_KEY})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +48,5 @@ def key_from_authorization(value: str | None) -> str | None:
     ``Bearer <key>`` is the documented form (scheme matched case-insensitively, RFC 7235);
     Wacrm also accepts the bare key as the whole value.
     """
-    if not value:
-        return None
-    scheme, sep, rest = value.partition(" ")
-    candidate = rest.strip(" ") if sep and scheme.lower() == "bearer" else value
-    return candidate if is_well_formed(candidate) else None
+    m = _AUTHORIZATION_RE.fullmatch(value) if value else None
+    return None if m is None else m[1] or m[2]

@@ -1,16 +1,16 @@
 """The sidecar's metrics: plain integer counts on the request path, Prometheus text on a scrape.
 
-Every count lives in one array of 64-bit integers, so counting a decision is three integer
-additions.  With several workers, each worker's array is a memory-mapped file of its own in a
-folder the supervisor makes; a scrape of any worker adds up every file there (a worker that
-died and was replaced keeps its file, so no count ever goes backwards).
+Every count lives in one array of integers, so counting a decision is three integer additions.
+In a single process the array is a list.  With several workers, each worker's array holds 64-bit
+integers in a memory-mapped file of its own, in a folder the supervisor makes; a scrape of any
+worker adds up every file there (a worker that died and was replaced keeps its file, so no count
+ever goes backwards).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +54,7 @@ _OTHER = (0, "other")
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REDIS_ERROR_KINDS = ("timeout", "connection", "reply")
 
-# The layout of the array: decisions, then histogram buckets (the last is +Inf), then the
+# The layout of the counts: decisions, then histogram buckets (the last is +Inf), then the
 # histogram's sum in microseconds, then Redis errors by kind.
 _DECISION_SLOT = {d: i for i, d in enumerate((*DECISIONS, _OTHER))}
 _OTHER_SLOT = _DECISION_SLOT[_OTHER]
@@ -77,9 +77,10 @@ class Metrics:
         if directory is None and MULTIPROC_ENV in os.environ:
             directory = Path(os.environ[MULTIPROC_ENV])
         self.directory = directory
-        self._counts: array[int] | memoryview[int]
+        # One process: a list, the cheapest to count into.  Workers: their shared files.
+        self._counts: list[int] | memoryview[int]
         if directory is None:
-            self._counts = array("q", bytes(_FILE_SIZE))
+            self._counts = [0] * _SLOTS
         else:
             path = directory / f"gate-{os.getpid()}.counts"
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

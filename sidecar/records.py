@@ -272,9 +272,9 @@ return 1
 # its rate limit counted in the same step (only when the record exists, so 401s never count).
 # KEYS: record 1, rate 1, record 2, rate 2, ...  (a key may appear more than once: each
 # occurrence is one request, counted in order).  ARGV: default limit, default window ms,
-# [now in us, for tests].  Returns six entries a pair, in one flat list: {record, allowed
-# 0/1, remaining, reset (Unix s), retry after (s), limit}, with record nil when there is
-# none; remaining is -1 for a key without a limit.  GCRA: a key may burst up to its limit,
+# [now in us, for tests].  Returns one entry a pair: nil when there is no record, else
+# {record, allowed 0/1, remaining, reset (Unix s), retry after (s), limit}; remaining is -1
+# for a key without a limit.  GCRA: a key may burst up to its limit,
 # then earns one request every window/limit; over any span of t the admitted count is at
 # most limit * (1 + t/window).  A key's new state is written once, after its last check.
 CHECK_SCRIPT = """
@@ -287,14 +287,15 @@ local out = {}
 local n = 0
 for i = 1, #KEYS, 2 do
   local rec = vals[i]
+  n = n + 1
   if not rec then
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = false, 0, 0, 0, 0, 0
+    out[n] = false
   else
     local lim, win = dlim, dwin
     local l, w = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
     if l then lim, win = tonumber(l), tonumber(w) end
     if lim <= 0 then
-      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = rec, 1, -1, 0, 0, 0
+      out[n] = {rec, 1, -1, 0, 0, 0}
     else
       if not now then
         local t = redis.call('TIME')
@@ -309,16 +310,14 @@ for i = 1, #KEYS, 2 do
       local new_tat = tat + interval
       local allow_at = new_tat - window
       if allow_at > now then
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
-          rec, 0, 0, ceil(tat / 1000000), ceil((allow_at - now) / 1000000), lim
+        out[n] = {rec, 0, 0, ceil(tat / 1000000), ceil((allow_at - now) / 1000000), lim}
       else
         tats[rk] = new_tat
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
-          rec, 1, floor((now + window - new_tat) / interval), ceil(new_tat / 1000000), 0, lim
+        local remaining = floor((now + window - new_tat) / interval)
+        out[n] = {rec, 1, remaining, ceil(new_tat / 1000000), 0, lim}
       end
     end
   end
-  n = n + 6
 end
 for rk, tat in pairs(tats) do
   redis.call('SET', rk, tat, 'PX', ceil((tat - now) / 1000))

@@ -41,18 +41,31 @@ class ReplyError(Exception):
     """Redis answered a command with an error."""
 
 
-def encode_command(args: tuple[bytes | str | int, ...]) -> bytes:
+Arg = bytes | str | int
+
+
+def bulk(arg: Arg) -> bytes:
+    """Encode *arg* as one argument of a RESP command (a bulk string)."""
+    if isinstance(arg, str):
+        b = arg.encode()
+    elif isinstance(arg, int):
+        b = b"%d" % arg
+    else:
+        b = arg
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def encode_bulks(bulks: list[bytes]) -> bytes:
+    """Encode one RESP command from its arguments, each already encoded by `bulk`.
+
+    A caller that sends the same arguments again and again can encode them once.
+    """
+    return b"*%d\r\n%s" % (len(bulks), b"".join(bulks))
+
+
+def encode_command(args: tuple[Arg, ...]) -> bytes:
     """Encode *args* as one RESP command."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            b = arg.encode()
-        elif isinstance(arg, int):
-            b = b"%d" % arg
-        else:
-            b = arg
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    return encode_bulks([bulk(arg) for arg in args])
 
 
 class _Protocol(asyncio.Protocol):
@@ -121,28 +134,36 @@ class RespClient:
         self._watchdog: asyncio.TimerHandle | None = None
         self._suspect: asyncio.Future[Any] | None = None
 
-    async def execute(self, *args: bytes | str | int) -> Any:
+    async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
+        return await self.execute_encoded(encode_command(args))
+
+    async def execute_encoded(self, command: bytes) -> Any:
+        """`execute` the *command* encoded by `encode_command` or `encode_bulks`."""
         if self._proto is None:
             await self._connect()
-        fut = self.send(*args)
+        fut = self.send_encoded(command)
         if fut is None:
             raise RedisUnavailable("connection lost")
         return await fut
 
-    def send(self, *args: bytes | str | int, flush: bool = False) -> asyncio.Future[Any] | None:
+    def send(self, *args: Arg, flush: bool = False) -> asyncio.Future[Any] | None:
         """Send one command on the open connection and return the future of its reply.
 
         The command is written when the event loop turns over, with the others of this tick;
         *flush* writes it (and any waiting) now.  Return None, sending nothing, when no
         connection is open.
         """
+        return self.send_encoded(encode_command(args), flush=flush)
+
+    def send_encoded(self, command: bytes, *, flush: bool = False) -> asyncio.Future[Any] | None:
+        """`send` the *command* encoded by `encode_command` or `encode_bulks`."""
         proto = self._proto
         if proto is None:
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.send(encode_command(args), fut, loop.time(), flush)
+        proto.send(command, fut, loop.time(), flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
         return fut
@@ -210,7 +231,7 @@ class RespClient:
                     await loop.create_connection(
                         lambda: proto, p.get("host", "localhost"), p.get("port", 6379), ssl=tls
                     )
-                setup: list[tuple[bytes | str | int, ...]] = []
+                setup: list[tuple[Arg, ...]] = []
                 if p.get("password") is not None:
                     user = p.get("username")
                     setup.append(("AUTH", user, p["password"]) if user else ("AUTH", p["password"]))

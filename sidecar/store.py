@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 from sidecar.records import CHECK_SCRIPT, UNLIMITED, Keyspace, RateLimit
-from sidecar.resp import RedisTimeout, RedisUnavailable, ReplyError, RespClient
+from sidecar.resp import RedisTimeout, RedisUnavailable, ReplyError, RespClient, bulk, encode_bulks
 
 _CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest().encode()
+#: The start of a script call, encoded once: by the script's SHA1, or with the script itself.
+_CALL_BY_SHA = (bulk(b"EVALSHA"), bulk(_CHECK_SHA))
+_CALL_WITH_SCRIPT = (bulk(b"EVAL"), bulk(CHECK_SCRIPT))
 
 
 class StoreUnavailable(Exception):
@@ -61,7 +64,10 @@ class KeyStore:
         self.client = client
         self.keyspace = keyspace
         limit = rate_limit or UNLIMITED
-        self._limit_args = (b"%d" % limit.limit, b"%d" % limit.window_ms)
+        self._limit_args = (bulk(limit.limit), bulk(limit.window_ms))
+        # A key's two Redis keys, encoded for the script call.  Encoding them costs several
+        # times what this cache does, and most requests come with a key seen moments ago.
+        self._key_args = lru_cache(maxsize=16384)(self._encode_keys)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
         # The task connecting to Redis, if one is: held so that it is not garbage-collected.
@@ -80,42 +86,42 @@ class KeyStore:
             loop.call_soon(self._send)
         return fut
 
+    def _encode_keys(self, key_hash: str) -> tuple[bytes, bytes]:
+        ks = self.keyspace
+        return bulk(ks.record(key_hash)), bulk(ks.rate(key_hash))
+
     def _send(self) -> None:
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         if not batch:
             self._busy = False
             return
-        ks = self.keyspace
-        args: list[bytes | str | int] = [2 * len(batch)]
         try:
-            for key_hash, _ in batch:
-                args += (ks.record(key_hash), ks.rate(key_hash))
-            args += self._limit_args
-            reply = self.client.send(b"EVALSHA", _CHECK_SHA, *args, flush=True)
+            key_args = self._key_args
+            keys = [arg for key_hash, _ in batch for arg in key_args(key_hash)]
+            args = [bulk(len(keys)), *keys, *self._limit_args]  # the script's, encoded
+            command = encode_bulks([*_CALL_BY_SHA, *args])
+            reply = self.client.send_encoded(command, flush=True)
             if reply is None:  # not connected: connect first, in a task of its own
                 reply = self._connecting = asyncio.ensure_future(
-                    self.client.execute(b"EVALSHA", _CHECK_SHA, *args)
+                    self.client.execute_encoded(command)
                 )
         except Exception as e:  # refuse the batch rather than leave it waiting forever
             self._fail(batch, StoreUnavailable("reply", f"cannot send: {e!r}"))
             return
         reply.add_done_callback(partial(self._answer, batch, args, False))
 
-    def _answer(
-        self, batch: _Batch, args: list[bytes | str | int], sent_script: bool, reply: Any
-    ) -> None:
+    def _answer(self, batch: _Batch, args: list[bytes], sent_script: bool, reply: Any) -> None:
         try:
             results = reply.result()
-            answers = [
-                None if results[i] is None else Lookup._make(results[i : i + 6])
-                for i in range(0, len(results), 6)
-            ]
+            answers = [None if r is None else Lookup._make(r) for r in results]
             if len(answers) != len(batch):
                 raise ValueError(f"{len(answers)} answers to {len(batch)} checks")
         except ReplyError as e:
             if str(e).startswith("NOSCRIPT") and not sent_script:
                 # Redis restarted or dropped its scripts: send the script itself, once.
-                retry = self.client.send(b"EVAL", CHECK_SCRIPT, *args, flush=True)
+                retry = self.client.send_encoded(
+                    encode_bulks([*_CALL_WITH_SCRIPT, *args]), flush=True
+                )
                 if retry is not None:
                     retry.add_done_callback(partial(self._answer, batch, args, True))
                     return

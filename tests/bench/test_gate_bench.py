@@ -64,6 +64,7 @@ def test_wrk_counts_every_response_with_another_status_as_an_error(tmp_path: Pat
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.timeout(300)  # three apps under callgrind: about 100 s, more on a busy machine
 def test_instruction_counts_cover_both_floors_and_the_gate() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.instructions", "--duration", "1", "--connections", "2"],

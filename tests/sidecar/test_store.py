@@ -173,7 +173,7 @@ class _OddClient:
     def __init__(self, good: list[object]) -> None:
         self.replies: list[object] = [RuntimeError("odd"), good]
 
-    def send(self, *args: object, flush: bool = False) -> asyncio.Future[object]:
+    def send_encoded(self, command: bytes, *, flush: bool = False) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         reply = self.replies.pop(0)
         if isinstance(reply, TypeError):  # a fault in sending itself
@@ -186,7 +186,7 @@ class _OddClient:
 
 
 async def test_an_unexpected_failure_refuses_its_batch_and_leaves_the_store_usable() -> None:
-    store = KeyStore(_OddClient([None, 0, 0, 0, 0, 0]), KS, None)  # type: ignore[arg-type]
+    store = KeyStore(_OddClient([None]), KS, None)  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailable) as refused:
         await asyncio.wait_for(store.check("78" * 32), 2)
     assert refused.value.kind == "reply"
@@ -195,7 +195,7 @@ async def test_an_unexpected_failure_refuses_its_batch_and_leaves_the_store_usab
 
 
 async def test_a_fault_in_sending_refuses_its_batch_and_leaves_the_store_usable() -> None:
-    client = _OddClient([None, 0, 0, 0, 0, 0])
+    client = _OddClient([None])
     client.replies[0] = TypeError("cannot send")
     store = KeyStore(client, KS, None)  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailable) as refused:
