@@ -67,7 +67,8 @@ class KeyStore:
         self._limit_args = (bulk(limit.limit), bulk(limit.window_ms))
         # A key's two Redis keys, encoded for the script call.  Encoding them costs several
         # times what this cache does, and most requests come with a key seen moments ago.
-        self._key_args = lru_cache(maxsize=16384)(self._encode_keys)
+        # Unknown keys pass through it too, so it stays small: about 2 MB when full.
+        self._key_args = lru_cache(maxsize=4096)(self._encode_keys)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
         # The task connecting to Redis, if one is: held so that it is not garbage-collected.
