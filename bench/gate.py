@@ -14,6 +14,9 @@ gate, 1,000    the same with 1,000 valid keys in turn, so each check in a batch 
 gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
 gate, garbage  Authorization values that fail the format check
 
+Each ``--tree PATH`` adds a case: the valid key through the sidecar of another checkout (a git
+worktree of an older commit, say), with its own nginx, so two versions meet in one run.
+
 The cases alternate in rounds (the order rotated each round) so drift hits them alike; the
 table shows each case's median round.  ``--soak S`` instead runs the valid-key case under load
 for S seconds and samples the sidecar's RSS every 10 s.
@@ -192,6 +195,7 @@ class Bench:
             Case("gate, garbage", gate_ports.listen, 401, GARBAGE, sidecar_pids,
                  gate_nginx_pids),
         ]  # fmt: skip
+        cases += [self._other_tree(tree, redis_url, sidecar_env, bearer) for tree in a.tree]
         for i, case in enumerate(cases):
             case.script = wrk.write_script(
                 self.workdir,
@@ -203,6 +207,29 @@ class Bench:
             _preflight(case, account_id=ACCOUNT_ID if "valid" in case.name else None)
         self.cases = len(cases)
         return cases
+
+    def _other_tree(self, tree: Path, redis_url: str, env: dict[str, str], bearer: str) -> Case:
+        """Start the sidecar of the checkout *tree*, behind an nginx of its own."""
+        port = procs.free_port()
+        sidecar = procs.Process(
+            [sys.executable, "-P", "-m", "sidecar"],  # -P: the tree, not the cwd, comes first
+            port=port,
+            log=self.workdir / f"sidecar-{port}.log",
+            env={
+                **os.environ,
+                **env,
+                "PYTHONPATH": str(tree.resolve()),
+                "WACRM_REDIS_URL": redis_url,
+                "WACRM_PORT": str(port),
+            },
+        )
+        self._spawn(sidecar)
+        ports = stack.NginxPorts(procs.free_port(), port, procs.free_port())
+        nginx = stack.nginx(self.workdir / f"nginx-{port}", ports)
+        self._spawn(nginx)
+        return Case(
+            f"gate, valid key, {tree}", ports.listen, 200, [bearer], [_pid(sidecar)], [_pid(nginx)]
+        )
 
     def _floors(
         self,
@@ -544,6 +571,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--redis-socket",
         action="store_true",
         help="connect the sidecar (and the floor's GET) to Redis over a Unix socket, not TCP",
+    )
+    p.add_argument(
+        "--tree",
+        type=Path,
+        action="append",
+        default=[],
+        help="add the valid-key case through the sidecar of this other checkout (repeatable)",
     )
     p.add_argument(
         "--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead"
