@@ -9,12 +9,24 @@ import pytest
 from redis.asyncio import Redis
 
 from demo import procs
-from sidecar.resp import RedisUnavailable, ReplyError, RespClient, encode_command
+from sidecar.resp import (
+    RedisUnavailable,
+    ReplyError,
+    RespClient,
+    bulk,
+    encode_bulks,
+    encode_command,
+)
 from tests.conftest import RedisServer
 
 
 def test_encode_command() -> None:
     assert encode_command((b"GET", "k", 12)) == b"*3\r\n$3\r\nGET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+
+
+def test_arguments_encoded_ahead_make_the_same_command() -> None:
+    assert encode_bulks([bulk(b"GET"), bulk("k"), bulk(12)]) == encode_command((b"GET", "k", 12))
+    assert bulk("é") == b"$2\r\n\xc3\xa9\r\n"  # the length counts bytes, not characters
 
 
 async def test_concurrent_commands_get_their_own_replies(
