@@ -210,22 +210,10 @@ class Bench:
 
     def _other_tree(self, tree: Path, redis_url: str, env: dict[str, str], bearer: str) -> Case:
         """Start the sidecar of the checkout *tree*, behind an nginx of its own."""
-        port = procs.free_port()
-        sidecar = procs.Process(
-            [sys.executable, "-P", "-m", "sidecar"],  # -P: the tree, not the cwd, comes first
-            port=port,
-            log=self.workdir / f"sidecar-{port}.log",
-            env={
-                **os.environ,
-                **env,
-                "PYTHONPATH": str(tree.resolve()),
-                "WACRM_REDIS_URL": redis_url,
-                "WACRM_PORT": str(port),
-            },
-        )
+        sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=env, tree=tree)
         self._spawn(sidecar)
-        ports = stack.NginxPorts(procs.free_port(), port, procs.free_port())
-        nginx = stack.nginx(self.workdir / f"nginx-{port}", ports)
+        ports = stack.NginxPorts(procs.free_port(), sidecar.port, procs.free_port())
+        nginx = stack.nginx(self.workdir / f"nginx-{sidecar.port}", ports)
         self._spawn(nginx)
         return Case(
             f"gate, valid key, {tree}", ports.listen, 200, [bearer], [_pid(sidecar)], [_pid(nginx)]

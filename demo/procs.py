@@ -139,13 +139,16 @@ def sidecar(
     redis_url: str,
     port: int | None = None,
     extra_env: dict[str, str] | None = None,
+    tree: Path | None = None,
 ) -> Process:
-    """Return the sidecar serving on *port* against *redis_url*."""
+    """Return the sidecar serving on *port* against *redis_url*: this checkout's, or *tree*'s."""
     port = port or free_port()
     env = {**os.environ, "WACRM_REDIS_URL": redis_url, "WACRM_PORT": str(port), **(extra_env or {})}
-    return Process(
-        [sys.executable, "-m", "sidecar"], port=port, log=workdir / f"sidecar-{port}.log", env=env
-    )
+    argv = [sys.executable, "-m", "sidecar"]
+    if tree is not None:  # -P: the tree on PYTHONPATH, not the working directory, comes first
+        argv.insert(1, "-P")
+        env["PYTHONPATH"] = str(tree.resolve())
+    return Process(argv, port=port, log=workdir / f"sidecar-{port}.log", env=env)
 
 
 def upstream(workdir: Path, port: int | None = None) -> Process:

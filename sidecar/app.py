@@ -59,7 +59,6 @@ class Gate:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
         self.metrics = Metrics()
         self.client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
         self.verifier = Verifier(
