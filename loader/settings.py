@@ -32,7 +32,7 @@ OPTIONS = (
     Option(
         "redis_url",
         "WACRM_REDIS_URL",
-        str,
+        options.redis_url,
         "redis://127.0.0.1:6379/0",
         "Redis the gate reads (redis://, rediss:// or unix://)",
     ),

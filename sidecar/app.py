@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 ACCOUNT_HEADER = istr("X-Wacrm-Account-Id")
 KEY_HEADER = istr("X-Wacrm-Key-Id")
 SCOPES_HEADER = istr("X-Wacrm-Scopes")
+#: X-Wacrm-Scopes of a key without scopes: proxies drop an empty header, and a missing one
+#: must mean "not through the gate".  "-" is the route file's own word for no scope.
+NO_SCOPES = "-"
 #: On a refusal to nginx: the status the client must get, the exact body, the challenge.
 STATUS_HEADER = istr("X-Wacrm-Status")
 ERROR_HEADER = istr("X-Wacrm-Error")
@@ -37,8 +40,13 @@ ORIGINAL_METHOD = istr("X-Original-Method")
 FORWARDED_URI = istr("X-Forwarded-Uri")
 FORWARDED_METHOD = istr("X-Forwarded-Method")
 
-#: aiohttp's request parser limits: large enough for any header nginx lets through.
-HANDLER_ARGS: dict[str, Any] = {"max_field_size": 32768, "max_line_size": 32768}
+#: aiohttp's request parser limits: large enough for any request nginx lets through, so that
+#: the gate, not the parser, refuses what is too large (the verifier's MAX_HEADERS).
+HANDLER_ARGS: dict[str, Any] = {
+    "max_field_size": 32768,
+    "max_line_size": 32768,
+    "max_headers": 16384,
+}
 
 NOT_FOUND_BODY = b'{"error":{"code":"not_found","message":"Not found"}}'
 METHOD_NOT_ALLOWED_BODY = b'{"error":{"code":"method_not_allowed","message":"Method not allowed"}}'
@@ -66,6 +74,7 @@ class Gate:
             load_policy(settings.routes),
             self.metrics,
             allow_unlisted=settings.unknown_routes == "allow",
+            encoded_slashes=settings.encoded_slashes == "keep",
             touch_interval=settings.last_used_interval,
         )
         self._routes: dict[str, tuple[Handler, frozenset[str] | None]] = {
@@ -130,7 +139,8 @@ class Gate:
 
     async def me(self, request: web.BaseRequest) -> web.Response:
         """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
-        verdict = await self.verifier.verify(request.headers, "GET", "/api/v1/me")
+        # The path as sent: the same rules as every other route (no "/api/v1/./me").
+        verdict = await self.verifier.verify(request.headers, "GET", request.raw_path)
         if verdict.denial is not None:
             return _refusal(verdict)
         record = verdict.record
@@ -181,7 +191,7 @@ def _identity_of(raw: bytes) -> Headers:
     return (
         (ACCOUNT_HEADER, record.account_id),
         (KEY_HEADER, record.key_id),
-        (SCOPES_HEADER, " ".join(record.scopes)),
+        (SCOPES_HEADER, " ".join(record.scopes) or NO_SCOPES),
     )
 
 

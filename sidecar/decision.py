@@ -53,13 +53,35 @@ UNKNOWN = invalid_credential("unknown")
 EXPIRED = invalid_credential("expired")
 UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, (("Retry-After", "1"),), "unavailable")
 MISCONFIGURED = Denial(500, INTERNAL_BODY, (), "misconfigured")
-BAD_PATH = Denial(400, _error("bad_request", "Malformed request path"), (), "bad_path")
 SPOOFED = Denial(
     400,
     _error("bad_request", "Request carries reserved X-Wacrm-* headers"),
     (),
     "spoofed_headers",
 )
+METHOD_OVERRIDE = Denial(
+    400,
+    _error("bad_request", "Method override headers are not accepted"),
+    (),
+    "method_override",
+)
+ROUTING_HEADER = Denial(
+    400,
+    _error("bad_request", "Request carries a routing header spelled with '_'"),
+    (),
+    "routing_header",
+)
+TOO_MANY_HEADERS = Denial(
+    431, _error("bad_request", "Too many request headers"), (), "too_many_headers"
+)
+
+
+@lru_cache(maxsize=64)
+def bad_path(why: str) -> Denial:
+    """Refuse a request path that is malformed, or that two servers could read two ways."""
+    return Denial(400, _error("bad_request", f"Malformed request path: {why}"), (), "bad_path")
+
+
 UNLISTED_ROUTE = Denial(
     403,
     _error("forbidden", "This route is not available to API keys"),
@@ -98,3 +120,8 @@ def authorize(record: KeyRecord, route: Route | None, *, allow_unlisted: bool) -
     if route.scope == NO_SCOPE or route.scope in record.scopes:
         return None
     return missing_scope(route.scope)
+
+
+#: No record, in a Redis that holds no finished load (it restarted empty, say, and the loader
+#: is filling it): the key may be valid and not loaded yet, so this is an outage, not a 401.
+NOT_LOADED = Denial(503, UNAVAILABLE_BODY, (("Retry-After", "1"),), "not_loaded")

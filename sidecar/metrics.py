@@ -29,6 +29,7 @@ OUTCOMES = {
     401: "unauthorized",
     403: "forbidden",
     429: "rate_limited",
+    431: "bad_request",
     500: "error",
     503: "unavailable",
 }
@@ -38,6 +39,9 @@ DECISIONS = (
     (200, "ok"),
     (400, "bad_path"),
     (400, "spoofed_headers"),
+    (400, "method_override"),
+    (400, "routing_header"),
+    (431, "too_many_headers"),
     (401, "missing"),
     (401, "malformed"),
     (401, "unknown"),
@@ -47,6 +51,7 @@ DECISIONS = (
     (429, "rate_limited"),
     (500, "misconfigured"),
     (503, "unavailable"),
+    (503, "not_loaded"),
 )
 #: Where a decision missing from DECISIONS is counted (a test keeps this at zero).
 _OTHER = (0, "other")

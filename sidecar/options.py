@@ -7,6 +7,7 @@ settings object, the ``--help`` text and the errors that name the variable at fa
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,33 @@ def positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("must be a whole number of at least 1")
     return value
+
+
+_REDIS_URL_FORMS = "redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB] or unix:///PATH[?db=DB]"
+
+
+def redis_url(raw: str) -> str:
+    """Check a Redis URL, as the Redis clients will read it, and return it unchanged."""
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must be {_REDIS_URL_FORMS}")
+    url = urllib.parse.urlsplit(raw)
+    try:
+        port = url.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    db = urllib.parse.parse_qs(url.query).get("db", [""])[0]
+    if url.scheme == "unix":
+        if url.hostname or not url.path:
+            raise ValueError("must be unix:///PATH[?db=DB], with the socket's absolute path")
+    else:
+        if not url.hostname:
+            raise ValueError(f"names no host: must be {_REDIS_URL_FORMS}")
+        db = db or url.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"the database must be a whole number, not {db!r}")
+    return raw
 
 
 def choice(*allowed: str) -> Callable[[str], str]:

@@ -12,7 +12,10 @@ Everything about how a key lives in Redis is decided here and nowhere else:
 ``{prefix}rl:{<hash>}``
     The key's rate-limit state (GCRA: the theoretical arrival time, in microseconds).
 ``{prefix}loaded``
-    Written after every full reconcile.  Its absence tells the loader that Redis lost its data.
+    ``0`` while the first full reconcile into this Redis runs, then the version of the last
+    one completed.  Absent, Redis lost its data (or was never loaded): the loader reloads it.
+    Absent or ``0``, Redis holds no finished load, so a key without a record may be a valid
+    key not loaded yet: the sidecar refuses it with 503 (an outage), not 401.
 ``{prefix}used``
     A sorted set: key id -> the last time (ms) a sidecar saw the key used.  The loader drains
     it into ``last_used_at``.
@@ -271,8 +274,9 @@ return 1
 # The request path's one round trip, for a batch of checks at once: each key's record, and
 # its rate limit counted in the same step (only when the record exists, so 401s never count).
 # KEYS: record 1, rate 1, record 2, rate 2, ...  (a key may appear more than once: each
-# occurrence is one request, counted in order).  ARGV: default limit, default window ms,
-# [now in us, for tests].  Returns one entry a pair: nil when there is no record, else
+# occurrence is one request, counted in order), then the loaded mark.  ARGV: default limit,
+# default window ms, [now in us, for tests].  Returns one entry a pair: nil when there is no
+# record, 0 when there is none and Redis holds no finished load (the mark absent or 0), else
 # {record, allowed 0/1, remaining, reset (Unix s), retry after (s), limit}; remaining is -1
 # for a key without a limit.  GCRA: a key may burst up to its limit,
 # then earns one request every window/limit; over any span of t the admitted count is at
@@ -282,14 +286,17 @@ local floor, ceil, tonumber = math.floor, math.ceil, tonumber
 local vals = redis.call('MGET', unpack(KEYS))
 local now = tonumber(ARGV[3])
 local dlim, dwin = tonumber(ARGV[1]), tonumber(ARGV[2])
+local mark = vals[#KEYS]
+local none = false
+if not mark or mark == '0' then none = 0 end
 local tats = {}
 local out = {}
 local n = 0
-for i = 1, #KEYS, 2 do
+for i = 1, #KEYS - 1, 2 do
   local rec = vals[i]
   n = n + 1
   if not rec then
-    out[n] = false
+    out[n] = none
   else
     local lim, win = dlim, dwin
     local l, w = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')

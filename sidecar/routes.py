@@ -1,20 +1,16 @@
-"""Route policy: which scope a method and path need, after the path is normalised."""
+"""Route policy: which scope a method and path need, the path read exactly as it is sent."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
-#: What normal form folds away: an empty or dot segment, or a trailing slash.
-_UNTIDY = re.compile(r"//|/\.\.?(?:/|$)|./$")
 _METHOD = re.compile(r"[A-Z]+")
 _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+#: A template's literal segment: characters no client escapes (RFC 3986's unreserved).
+_LITERAL = re.compile(r"[A-Za-z0-9._~-]+")
 _SCOPE = re.compile(r"[A-Za-z0-9_.:-]+")
 
 #: The scope value of a route that any valid key may call.
@@ -22,7 +18,7 @@ NO_SCOPE = ""
 
 
 class BadPath(ValueError):
-    """The request path is malformed or tries to escape its prefix."""
+    """The request path is malformed, or two servers could route it two ways."""
 
 
 class PolicyError(ValueError):
@@ -40,7 +36,7 @@ class Route:
 
 @dataclass(slots=True)
 class Policy:
-    """A set of routes, looked up by method and normalised path."""
+    """A set of routes, looked up by method and path (see `checked_path`)."""
 
     routes: tuple[Route, ...]
     _static: dict[tuple[str, str], Route] = field(init=False, repr=False)
@@ -67,7 +63,7 @@ class Policy:
         return frozenset(r.scope for r in self.routes if r.scope != NO_SCOPE)
 
     def match(self, method: str, path: str) -> Route | None:
-        """Return the route for *method* (in any case) and the normalised *path*, or None."""
+        """Return the route for *method* (in any case) and the checked *path*, or None."""
         method = method.upper()
         if method == "HEAD":
             method = "GET"
@@ -93,8 +89,11 @@ def parse_policy(text: str, *, source: str = "<routes>") -> Policy:
         if len(fields) != 3:
             raise PolicyError(f"{source}:{lineno}: expected 'METHODS PATH SCOPE', got {line!r}")
         methods, template, scope = fields
-        if not template.startswith("/") or template != normalise(template):
-            raise PolicyError(f"{source}:{lineno}: path {template!r} is not a normalised path")
+        if not _is_template(template):
+            raise PolicyError(
+                f"{source}:{lineno}: path {template!r} is not '/' and segments of"
+                " A-Z a-z 0-9 . _ ~ - or {name}"
+            )
         if scope != "-" and not _SCOPE.fullmatch(scope):
             raise PolicyError(
                 f"{source}:{lineno}: scope {scope!r} has characters other than A-Z a-z 0-9 _ . : -"
@@ -111,6 +110,16 @@ def parse_policy(text: str, *, source: str = "<routes>") -> Policy:
     return Policy(tuple(routes))
 
 
+def _is_template(template: str) -> bool:
+    if template == "/":
+        return True
+    segments = template.split("/")
+    return segments[0] == "" and all(
+        (_LITERAL.fullmatch(s) and s not in (".", "..")) or _PARAM.fullmatch(s)
+        for s in segments[1:]
+    )
+
+
 def load_policy(path: Path | None = None) -> Policy:
     """Load the route file at *path*, or Wacrm's own table when *path* is None."""
     if path is None:
@@ -123,55 +132,76 @@ def load_policy(path: Path | None = None) -> Policy:
     return parse_policy(text, source=str(path))
 
 
-@lru_cache(maxsize=8192)
-def normalise(raw: str) -> str:
-    """Return the path of the request target *raw* as a server would resolve it.
+def checked_path(target: str, *, encoded_slashes: bool = False) -> str:
+    """Return the path of the request target *target*, exactly as the upstream receives it.
 
-    The query and fragment are dropped, percent-escapes decoded once, repeated slashes and
-    ``.`` segments folded and ``..`` segments resolved, so that no spelling of a path can
-    match a route other than the one the upstream serves.  Raise `BadPath` for what no
-    honest client sends: broken or double escapes, invalid UTF-8, control characters,
-    backslashes, or ``..`` above the root.
+    The gate matches routes on the path as sent, not on a decoded or resolved form, and
+    refuses (`BadPath`) every path that two servers could route two ways: empty and dot
+    segments, a trailing slash, ``;`` parameters, backslashes, escapes of ``/ \\ ? # ; %``, of
+    control characters and of characters that need none, invalid UTF-8, a ``#`` anywhere, and
+    raw characters a URI may not hold.  What is left has one reading: a route template's
+    literal segments hold only characters that are never escaped, so an escape can only ever
+    fall inside a ``{name}`` segment, for every router alike.  With *encoded_slashes*, ``%2F``
+    is data inside its segment.  The query is not examined.
     """
-    path = raw.partition("?")[0].partition("#")[0]
+    if "#" in target:
+        raise BadPath("'#' in the request target")
+    path = target.partition("?")[0]
+    if _CLEAN.fullmatch(path):
+        return path  # the common case: nothing escaped, nothing to refuse
     if not path.startswith("/"):
-        raise BadPath("path must start with '/'")
-    if "%" in path:
-        if _BAD_ESCAPE.search(path):
+        raise BadPath("the path must start with '/'")
+    if path == "/":
+        return path
+    if bad := _RAW_UNSAFE.search(path):
+        raise BadPath(_why_raw(bad.group()))
+    for segment in path[1:].split("/"):
+        if segment in ("", ".", ".."):
+            raise BadPath("empty or dot segment, or a trailing '/'")
+        if "%" in segment:
+            _check_escapes(segment, encoded_slashes)
+    return path
+
+
+#: A path whose segments are all non-empty, not dot segments, and free of escapes and ``;``.
+_CLEAN = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)+|/")
+#: Raw characters a path must not hold: outside RFC 3986's pchar, or ``;``.
+_RAW_UNSAFE = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,=:@/%]")
+_HEX = frozenset("0123456789abcdefABCDEF")
+#: Escaped characters that a URI never needs to escape: they have one spelling, unescaped.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+#: Escaped characters that some server reads again as a delimiter.
+_DELIMITERS = {ord("/"): "'/'", ord("\\"): "'\\'", ord("?"): "'?'", ord("#"): "'#'"}
+_DELIMITERS |= {ord(";"): "';'", ord("%"): "'%'"}
+
+
+def _why_raw(char: str) -> str:
+    if char == ";":
+        return "';' in the path"
+    if char == "\\":
+        return "'\\' in the path"
+    if char.isprintable() and char.isascii():
+        return f"{char!r} must be percent-encoded"
+    return "control or non-ASCII character in the path"
+
+
+def _check_escapes(segment: str, encoded_slashes: bool) -> None:
+    first, *rest = segment.split("%")
+    decoded = bytearray(first.encode())
+    for part in rest:
+        digits = part[:2]
+        if len(digits) < 2 or not _HEX.issuperset(digits):
             raise BadPath("broken percent-escape")
-        try:
-            path = _unquote(path)
-        except UnicodeError:
-            raise BadPath("path is not UTF-8") from None
-        if _ESCAPE.search(path):
-            raise BadPath("double percent-escape")
-    if not path.isascii():
-        try:
-            path.encode()
-        except UnicodeError:
-            raise BadPath("path is not UTF-8") from None
-    if _FORBIDDEN.search(path):
-        raise BadPath("control character or backslash in path")
-    if not _UNTIDY.search(path):
-        return path  # already in normal form, as most are
-    out: list[str] = []
-    for segment in path.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if not out:
-                raise BadPath("path climbs above the root")
-            out.pop()
-        else:
-            out.append(segment)
-    return "/" + "/".join(out)
-
-
-def _unquote(path: str) -> str:
-    out = bytearray()
-    parts = path.split("%")
-    out += parts[0].encode()
-    for part in parts[1:]:
-        out.append(int(part[:2], 16))
-        out += part[2:].encode()
-    return out.decode("utf-8")
+        byte = int(digits, 16)
+        if byte in _UNRESERVED:
+            raise BadPath(f"escaped {chr(byte)!r}, which needs no escape")
+        if byte in _DELIMITERS and not (byte == 0x2F and encoded_slashes):
+            raise BadPath(f"escaped {_DELIMITERS[byte]}")
+        if byte < 0x20 or byte == 0x7F:
+            raise BadPath("escaped control character")
+        decoded.append(byte)
+        decoded += part[2:].encode()
+    try:
+        decoded.decode()
+    except UnicodeDecodeError:
+        raise BadPath("escapes are not UTF-8") from None

@@ -24,7 +24,7 @@ OPTIONS = (
     Option(
         "redis_url",
         "WACRM_REDIS_URL",
-        str,
+        options.redis_url,
         "redis://127.0.0.1:6379/0",
         "Redis holding the key records (redis:// or rediss://, or unix:// for a socket)",
     ),
@@ -56,6 +56,14 @@ OPTIONS = (
         options.choice("deny", "allow"),
         "deny",
         "what a valid key gets on a route the policy does not list: deny (403) or allow",
+    ),
+    Option(
+        "encoded_slashes",
+        "WACRM_ENCODED_SLASHES",
+        options.choice("reject", "keep"),
+        "reject",
+        "a path with %%2F: reject (400), or keep it as data inside its segment (only for"
+        " upstreams whose router never decodes %%2F before matching)",
     ),
     Option(
         "rate_limit",
@@ -94,6 +102,7 @@ class Settings:
     redis_timeout: float = 0.5
     routes: Path | None = None
     unknown_routes: str = "deny"
+    encoded_slashes: str = "reject"
     rate_limit: RateLimit | None = WACRM_RATE_LIMIT
     last_used_interval: float = 60.0
     workers: int = 1

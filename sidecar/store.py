@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -42,7 +43,18 @@ class Lookup(NamedTuple):
     limit: int
 
 
-_Batch = list[tuple[str, asyncio.Future[Lookup | None]]]
+class NotLoaded(enum.Enum):
+    """No record, in a Redis that holds no finished load: the key may be valid, not loaded yet."""
+
+    NOT_LOADED = "not_loaded"
+
+
+NOT_LOADED = NotLoaded.NOT_LOADED
+
+#: What a check finds: the record with its rate-limit verdict, none, or none in an unloaded Redis.
+Found = Lookup | NotLoaded | None
+
+_Batch = list[tuple[str, asyncio.Future[Found]]]
 
 #: Most checks one script call carries.
 MAX_BATCH = 256
@@ -65,6 +77,7 @@ class KeyStore:
         self.keyspace = keyspace
         limit = rate_limit or UNLIMITED
         self._limit_args = (bulk(limit.limit), bulk(limit.window_ms))
+        self._loaded_arg = bulk(keyspace.loaded)
         # A key's two Redis keys, encoded for the script call.  Encoding them costs several
         # times what this cache does, and most requests come with a key seen moments ago.
         # Unknown keys pass through it too, so it stays small: about 2 MB when full.
@@ -74,13 +87,15 @@ class KeyStore:
         # The task connecting to Redis, if one is: held so that it is not garbage-collected.
         self._connecting: asyncio.Future[Any] | None = None
 
-    def check(self, key_hash: str) -> asyncio.Future[Lookup | None]:
-        """Return the future of *key_hash*'s record with its rate-limit verdict (None if none).
+    def check(self, key_hash: str) -> asyncio.Future[Found]:
+        """Return the future of *key_hash*'s record with its rate-limit verdict.
 
-        The future fails with `StoreUnavailable` when Redis does not answer, or not in time.
+        Without a record, the future holds None, or `NOT_LOADED` when Redis holds no finished
+        load (see `Keyspace.loaded`).  It fails with `StoreUnavailable` when Redis does not
+        answer, or not in time.
         """
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Lookup | None] = loop.create_future()
+        fut: asyncio.Future[Found] = loop.create_future()
         self._queue.append((key_hash, fut))
         if not self._busy:
             self._busy = True
@@ -99,6 +114,7 @@ class KeyStore:
         try:
             key_args = self._key_args
             keys = [arg for key_hash, _ in batch for arg in key_args(key_hash)]
+            keys.append(self._loaded_arg)
             args = [bulk(len(keys)), *keys, *self._limit_args]  # the script's, encoded
             command = encode_bulks([*_CALL_BY_SHA, *args])
             reply = self.client.send_encoded(command, flush=True)
@@ -114,7 +130,10 @@ class KeyStore:
     def _answer(self, batch: _Batch, args: list[bytes], sent_script: bool, reply: Any) -> None:
         try:
             results = reply.result()
-            answers = [None if r is None else Lookup._make(r) for r in results]
+            # A record's answer is a non-empty list; nil is no record, 0 none and not loaded.
+            answers = [
+                Lookup._make(r) if r else (None if r is None else NOT_LOADED) for r in results
+            ]
             if len(answers) != len(batch):
                 raise ValueError(f"{len(answers)} answers to {len(batch)} checks")
         except ReplyError as e:

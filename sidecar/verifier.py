@@ -14,9 +14,10 @@ from sidecar import decision
 from sidecar.apikeys import key_from_authorization
 from sidecar.decision import Denial
 from sidecar.metrics import Metrics
+from sidecar.outage import OutageLog
 from sidecar.records import KeyRecord, decode, hash_key
-from sidecar.routes import BadPath, Policy, normalise
-from sidecar.store import KeyStore, Lookup, StoreUnavailable
+from sidecar.routes import BadPath, Policy, checked_path
+from sidecar.store import NOT_LOADED, Found, KeyStore, Lookup, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,21 @@ class Verifier:
         *,
         allow_unlisted: bool,
         touch_interval: float,
+        encoded_slashes: bool = False,
     ) -> None:
         self.store = store
         self.policy = policy
         self.metrics = metrics
         self.allow_unlisted = allow_unlisted
+        self.encoded_slashes = encoded_slashes
         self.touch_interval = touch_interval
         self._touched: dict[str, float] = {}
+        self.outage = OutageLog(log)
 
     async def verify(self, headers: CIMultiDictProxy[str], method: str, uri: str) -> Verdict:
         """Decide the request for *method* and *uri* that carries *headers*."""
         started = time.perf_counter()
-        inspected = _inspect(headers, uri)
+        inspected = _inspect(headers, uri, self.encoded_slashes)
         if isinstance(inspected, Denial):
             verdict = Verdict(inspected)
         else:
@@ -80,20 +84,24 @@ class Verifier:
             try:
                 lookup = await self.store.check(key_hash)
             except StoreUnavailable as e:
-                log.warning("redis unavailable, refusing: %s", e)
+                self.outage.refused(e.kind, str(e))
                 self.metrics.redis_error(e.kind)
                 verdict = Verdict(decision.UNAVAILABLE)
             else:
+                if self.outage.active:
+                    self.outage.answered()
                 verdict = self._judge(lookup, method, path)
         d = verdict.denial
         status, reason = (200, "ok") if d is None else (d.status, d.reason)
         self.metrics.decided(status, reason, time.perf_counter() - started)
         return verdict
 
-    def _judge(self, lookup: Lookup | None, method: str, path: str) -> Verdict:
+    def _judge(self, lookup: Found, method: str, path: str) -> Verdict:
         """Decide from what Redis holds for the key: record, expiry, rate limit, scope."""
         if lookup is None:
             return Verdict(decision.UNKNOWN)
+        if lookup is NOT_LOADED:
+            return Verdict(decision.NOT_LOADED)
         try:
             record = decode_record(lookup.raw)
         except ValueError:
@@ -120,14 +128,18 @@ class Verifier:
         self.store.touch(key_id, int(now * 1000))
 
 
-def _inspect(headers: CIMultiDictProxy[str], uri: str) -> Denial | tuple[str, str]:
+def _inspect(
+    headers: CIMultiDictProxy[str], uri: str, encoded_slashes: bool
+) -> Denial | tuple[str, str]:
     """Check what the request carries by itself: the path and key hash, or why it is refused."""
-    if _carries_reserved_headers(headers):
-        return decision.SPOOFED
+    if len(headers) > MAX_HEADERS:
+        return decision.TOO_MANY_HEADERS
+    if (refused := _refused_header(headers)) is not None:
+        return refused
     try:
-        path = normalise(uri)
-    except BadPath:
-        return decision.BAD_PATH
+        path = checked_path(uri, encoded_slashes=encoded_slashes)
+    except BadPath as e:
+        return decision.bad_path(str(e))
     values = headers.getall(AUTHORIZATION, ())
     if not values:
         return decision.NO_CREDENTIAL
@@ -137,9 +149,44 @@ def _inspect(headers: CIMultiDictProxy[str], uri: str) -> Denial | tuple[str, st
     return path, hash_key(key)
 
 
-def _carries_reserved_headers(headers: CIMultiDictProxy[str]) -> bool:
-    names = "\n" + "\n".join(headers).lower()
-    return "\nx-wacrm-" in names or "\nx_wacrm_" in names
+#: Most request headers the gate accepts, as Apache's LimitRequestFields (the sidecar sees the
+#: client's headers and the few its proxy adds).
+MAX_HEADERS = 100
+
+#: Headers with which an upstream may be told to run another method than the one checked.
+_METHOD_OVERRIDES = ("\nx-http-method-override\n", "\nx-http-method\n", "\nx-method-override\n")
+#: Headers a proxy sets to tell which request is checked, or an upstream reads to pick a route.
+#: Sent with '_' for '-', they pass the proxy's overwriting and reach a server that folds '_'.
+_ROUTING = frozenset(
+    {
+        "x-original-uri",
+        "x-original-url",
+        "x-original-method",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-forwarded-prefix",
+        "x-rewrite-url",
+    }
+)
+
+
+def _refused_header(headers: CIMultiDictProxy[str]) -> Denial | None:
+    """Refuse a header the upstream could read as identity or routing, in any spelling.
+
+    Names are compared lower-cased and with '_' read as '-', as WSGI servers and others fold
+    them: ``X_Wacrm-Scopes`` is ``X-Wacrm-Scopes`` to such an upstream.
+    """
+    names = "\n" + "\n".join(headers).lower() + "\n"
+    folded = names.replace("_", "-") if "_" in names else names
+    if "\nx-wacrm-" in folded:
+        return decision.SPOOFED
+    if any(name in folded for name in _METHOD_OVERRIDES):
+        return decision.METHOD_OVERRIDE
+    if folded is not names and any(
+        "_" in name and name.lower().replace("_", "-") in _ROUTING for name in headers
+    ):
+        return decision.ROUTING_HEADER
+    return None
 
 
 #: `decode`, cached by the stored bytes, version included: a rewritten record is a new entry,

@@ -48,6 +48,11 @@ class Gate:
     def redis(self) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(self.redis_server.url)
 
+    def mark_loaded(self) -> None:
+        """Mark Redis as holding a finished load, as the loader's full reconcile does."""
+        with self.redis() as r:
+            r.set(self.keyspace.loaded, int(time.time() * 1000))
+
     def put_key(
         self,
         scopes: Sequence[str] = (),
@@ -93,10 +98,11 @@ def gate_session(workdir: Path, redis_server: RedisServer) -> Iterator[Gate]:
 
 @pytest.fixture
 def gate(gate_session: Gate) -> Iterator[Gate]:
-    """Return the running gate with Redis up and emptied, and the sidecar running."""
+    """Return the running gate with Redis up, emptied and marked loaded, the sidecar running."""
     gate_session.redis_server.start()
     if not gate_session.sidecar.running:
         gate_session.sidecar.start()
     with gate_session.redis() as r:
         r.flushdb()
+    gate_session.mark_loaded()
     yield gate_session

@@ -206,7 +206,12 @@ def test_non_utf8_bytes_in_path_are_a_clean_4xx(gate: Gate) -> None:
     key = gate.put_key(["contacts:read", "webhooks:manage"])
     resp = gate.get(b"/api/v1/contacts/\xff\xfe", key=key)
     assert resp.status == 400
-    assert resp.json() == {"error": {"code": "bad_request", "message": "Malformed request path"}}
+    assert resp.json() == {
+        "error": {
+            "code": "bad_request",
+            "message": "Malformed request path: control or non-ASCII character in the path",
+        }
+    }
 
 
 @pytest.mark.parametrize(
@@ -273,5 +278,5 @@ def test_absolute_form_request_target_is_checked_by_its_path(gate: Gate) -> None
     key = gate.put_key(["contacts:read"])
     assert gate.get("http://localhost/api/v1/contacts", key=key).status == 200
     resp = gate.get("http://localhost/api/v1/me/../webhooks", key=key)
-    assert resp.status == 403
-    assert "webhooks:manage" in resp.body.decode()
+    assert resp.status == 400
+    assert resp.json()["error"]["message"].endswith("dot segment, or a trailing '/'")  # type: ignore[index]

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis as redis_sync
 from redis.asyncio import Redis
 
 from demo import procs
 from sidecar.apikeys import mint
-from sidecar.records import hash_key
+from sidecar.records import Keyspace, hash_key
 from tests.conftest import RedisServer
 from tests.e2e import rawhttp
 from tests.e2e.test_loader_e2e import Loader, wait_for
@@ -208,6 +209,9 @@ async def test_no_log_holds_a_plaintext_key_or_a_full_hash(
 def test_denials_are_not_logged_one_by_one_at_the_default_level(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
+    redis_server.start()
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.set(Keyspace().loaded, 1)  # a finished load: an unknown key is a 401
     with Stack(tmp_path, redis_server.url, "info") as stack:
         [log] = tmp_path.glob("sidecar-*.log")
         before = log.read_text().splitlines()

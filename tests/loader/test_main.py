@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from sidecar.apikeys import is_well_formed
@@ -172,3 +173,16 @@ def test_bad_settings_exit_2_naming_the_variable(redis_server: RedisServer) -> N
     assert unset.returncode == 2 and "WACRM_SOURCE is not set" in unset.stderr
     flag = loader("--batch-size", "0", "sync", source="sqlite:///x.db", redis_url=redis_server.url)
     assert flag.returncode == 2 and "--batch-size" in flag.stderr
+
+
+@pytest.mark.parametrize("command", ["sync", "run"])
+@pytest.mark.parametrize("url", ["foo://x", "redis://x:99999/0", "unix://"])
+def test_a_bad_redis_url_ends_with_one_line_naming_it(
+    tmp_path: Path, command: str, url: str
+) -> None:
+    done = loader(command, source=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=url)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"wacrm-loader: WACRM_REDIS_URL={url!r}: "), line
+    assert not (tmp_path / "keys.db").exists()  # refused before anything was opened

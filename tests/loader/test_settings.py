@@ -44,6 +44,9 @@ def test_environment_and_flags() -> None:
         ({"WACRM_RECONCILE_INTERVAL": "0"}, "WACRM_RECONCILE_INTERVAL"),
         ({"WACRM_BATCH_SIZE": "lots"}, "WACRM_BATCH_SIZE"),
         ({"WACRM_LOG_LEVEL": "chatty"}, "WACRM_LOG_LEVEL"),
+        ({"WACRM_REDIS_URL": "foo://x"}, "WACRM_REDIS_URL"),
+        ({"WACRM_REDIS_URL": "redis://x:99999/0"}, "WACRM_REDIS_URL"),
+        ({"WACRM_REDIS_URL": "unix://"}, "WACRM_REDIS_URL"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

@@ -29,8 +29,9 @@ def settings(redis_server: RedisServer) -> Settings:
 
 
 @pytest.fixture
-def fake(redis: Redis) -> Redis:
-    """The session's real Redis, emptied: where the tests put records."""
+async def fake(redis: Redis) -> Redis:
+    """The session's real Redis, emptied and marked loaded: where the tests put records."""
+    await redis.set(Keyspace().loaded, 1)
     return redis
 
 
@@ -244,6 +245,7 @@ async def test_redis_prefix_is_honoured(
     make_client: MakeClient, settings: Settings, fake: Redis
 ) -> None:
     client = await make_client(replace(settings, redis_prefix="t2:"))
+    await fake.set(Keyspace("t2:").loaded, 1)
     key = await put(fake, ())  # stored under the default prefix: another deployment's key
     assert (await client.get("/auth", headers=nginx("/api/v1/me", key))).status == 401
 
@@ -353,6 +355,64 @@ async def test_metrics_count_decisions_by_outcome_and_reason(client: Client, fak
     assert 'wacrm_gate_decisions_total{outcome="forbidden",reason="missing_scope"} 1.0' in text
     assert 'wacrm_gate_decisions_total{outcome="unauthorized",reason="unknown"} 1.0' in text
     assert "wacrm_gate_verify_seconds_count 3.0" in text
+
+
+UNAVAILABLE_BODY = '{"error":{"code":"internal","message":"Rate limit service unavailable"}}'
+
+
+@pytest.mark.parametrize("mark", [None, b"0"])
+async def test_without_a_finished_load_an_unknown_key_is_503_not_401(
+    client: Client, fake: Redis, mark: bytes | None
+) -> None:
+    """Redis emptied (mark absent) or being loaded for the first time (mark 0): a key it does
+    not hold may be valid, so it gets the outage's 503; a key it holds is judged as ever."""
+    key = await put(fake, ("contacts:read",))
+    if mark is None:
+        await fake.delete(Keyspace().loaded)
+    else:
+        await fake.set(Keyspace().loaded, mark)
+    unknown = apikeys.mint().plaintext
+
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", unknown))
+    assert resp.status == 503
+    assert resp.headers["X-Wacrm-Status"] == "503"
+    assert resp.headers["X-Wacrm-Error"] == UNAVAILABLE_BODY
+    assert resp.headers["Retry-After"] == "1"
+    assert "WWW-Authenticate" not in resp.headers
+    direct = await client.get("/forward-auth", headers=forwarded("/api/v1/contacts", unknown))
+    assert direct.status == 503
+    assert await direct.text() == UNAVAILABLE_BODY
+    assert direct.headers["Retry-After"] == "1"
+    me = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {unknown}"})
+    assert me.status == 503
+    assert (await client.get("/auth", headers=nginx("/api/v1/contacts", key))).status == 200
+    malformed = await client.get("/auth", headers=nginx("/api/v1/contacts", unknown[:-1]))
+    assert malformed.status == 401
+    text = await (await client.get("/metrics")).text()
+    assert 'wacrm_gate_decisions_total{outcome="unavailable",reason="not_loaded"} 3.0' in text
+    assert 'wacrm_gate_decisions_total{outcome="unauthorized",reason="malformed"} 1.0' in text
+    assert 'wacrm_gate_redis_errors_total{kind="connection"} 0.0' in text
+
+
+async def test_a_malformed_key_is_401_without_asking_redis(client: Client, fake: Redis) -> None:
+    await fake.delete(Keyspace().loaded)
+    await fake.config_resetstat()
+    resp = await client.get("/auth", headers=nginx("/api/v1/contacts", "wacrm_live_short"))
+    assert resp.status == 401
+    stats = await fake.info("commandstats")
+    assert "cmdstat_evalsha" not in stats and "cmdstat_eval" not in stats
+
+
+async def test_a_finished_load_makes_an_unknown_key_a_401_again(
+    client: Client, fake: Redis
+) -> None:
+    await fake.set(Keyspace().loaded, 0)
+    unknown = apikeys.mint().plaintext
+    assert (await client.get("/auth", headers=nginx("/api/v1/me", unknown))).status == 503
+    await fake.set(Keyspace().loaded, 1_700_000_000_000)
+    resp = await client.get("/auth", headers=nginx("/api/v1/me", unknown))
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="wacrm", error="invalid_token"'
 
 
 async def test_metrics_count_redis_failures(make_client: MakeClient) -> None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis as redis_sync
 
 from demo import procs
 from sidecar import apikeys
 from sidecar.metrics import Metrics
+from sidecar.records import Keyspace
 from sidecar.settings import OPTIONS
 from tests.conftest import RedisServer
 from tests.e2e import rawhttp
@@ -55,6 +57,15 @@ def test_bad_setting_stops_start_up_naming_it(
     assert result.returncode == 2
     assert named in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["foo://x", "redis://x:99999/0", "redis://x/zero", "unix://"])
+def test_a_bad_redis_url_stops_start_up_with_one_line_naming_it(url: str) -> None:
+    result = run([], {"WACRM_REDIS_URL": url})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"wacrm-sidecar: WACRM_REDIS_URL={url!r}: "), line
 
 
 def _ready(port: int) -> int:
@@ -121,6 +132,8 @@ def test_workers_share_the_port_and_stop_on_sigterm(
 async def test_sigterm_finishes_checks_in_flight(tmp_path: Path, redis_server: RedisServer) -> None:
     """A check waiting on a slow Redis when SIGTERM arrives still gets its answer."""
     redis_server.start()
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.set(Keyspace().loaded, 1)  # a finished load: the unknown key's answer is a 401
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", redis_server.port)

@@ -15,6 +15,12 @@ HASH = "cd" * 32
 SECOND = 1_000_000  # the script's clock counts microseconds
 
 
+@pytest.fixture(autouse=True)
+async def loaded(redis: Redis) -> None:
+    """Mark the emptied Redis loaded: the script then answers nil for a missing record."""
+    await redis.set(KS.loaded, 1)
+
+
 async def _store(redis: Redis, limit: RateLimit | None = None) -> None:
     rec = KeyRecord("k", "a", None, "p", (), None, limit)
     await redis.set(KS.record(HASH), records.encode(rec, version=1))
@@ -22,7 +28,7 @@ async def _store(redis: Redis, limit: RateLimit | None = None) -> None:
 
 async def _check(redis: Redis, now_us: int, default: tuple[int, int] = (120, 60_000)) -> list:  # type: ignore[type-arg]
     reply = await redis.eval(
-        records.CHECK_SCRIPT, 2, KS.record(HASH), KS.rate(HASH), *default, now_us
+        records.CHECK_SCRIPT, 3, KS.record(HASH), KS.rate(HASH), KS.loaded, *default, now_us
     )
     assert len(reply) == 1
     assert reply[0] is None or len(reply[0]) == 6
@@ -93,7 +99,7 @@ async def test_no_window_admits_twice_the_limit(redis: Redis, seed: int) -> None
 
 
 async def _check_many(redis: Redis, hashes: list[str], now_us: int) -> list:  # type: ignore[type-arg]
-    keys = [k for h in hashes for k in (KS.record(h), KS.rate(h))]
+    keys = [k for h in hashes for k in (KS.record(h), KS.rate(h))] + [KS.loaded]
     reply = await redis.eval(records.CHECK_SCRIPT, len(keys), *keys, 120, 60_000, now_us)
     assert len(reply) == len(hashes)
     assert all(r is None or len(r) == 6 for r in reply)
@@ -125,6 +131,7 @@ async def test_batched_checks_count_as_the_same_checks_one_by_one(redis: Redis, 
 
     async def run(batched: bool) -> list:  # type: ignore[type-arg]
         await redis.flushdb()
+        await redis.set(KS.loaded, 1)
         for i, h in enumerate(hashes):
             rec = KeyRecord(f"k{i}", "a", None, "p", (), None, RateLimit(5, 1000))
             await redis.set(KS.record(h), records.encode(rec, version=1))

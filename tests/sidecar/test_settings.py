@@ -46,3 +46,49 @@ def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
 def test_bad_flag_names_the_flag() -> None:
     with pytest.raises(SettingError, match="--port"):
         Settings.from_env({}, ["--port", "x"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://redis",
+        "redis://redis/",
+        "rediss://user:secret@redis.example:6380/2",
+        "redis://:secret@[::1]:6379/15",
+        "redis://redis?db=3",
+        "unix:///run/redis/redis.sock",
+        "unix:///run/redis/redis.sock?db=1",
+        "unix://:secret@/run/redis/redis.sock?db=0",
+    ],
+)
+def test_redis_urls_the_clients_read_are_accepted(url: str) -> None:
+    assert Settings.from_env({"WACRM_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("foo://x", "must be redis://HOST"),
+        ("REDIS://x", "must be redis://HOST"),
+        ("127.0.0.1:6379", "must be redis://HOST"),
+        ("redis://", "names no host"),
+        ("redis://:secret@/0", "names no host"),
+        ("redis://x:0", "port must be a number from 1 to 65535"),
+        ("redis://x:65536", "port must be a number from 1 to 65535"),
+        ("redis://x:port", "port must be a number from 1 to 65535"),
+        ("redis://x/zero", "database must be a whole number, not 'zero'"),
+        ("redis://x/-1", "database must be a whole number"),
+        ("redis://x/0/1", "database must be a whole number"),
+        ("rediss://x?db=one", "database must be a whole number, not 'one'"),
+        ("unix://", "unix:///PATH"),
+        ("unix://redis.sock", "unix:///PATH"),
+        ("unix:///run/redis.sock?db=x", "database must be a whole number"),
+    ],
+)
+def test_a_bad_redis_url_is_refused_naming_the_variable(url: str, why: str) -> None:
+    with pytest.raises(SettingError, match="WACRM_REDIS_URL") as refused:
+        Settings.from_env({"WACRM_REDIS_URL": url})
+    assert why in str(refused.value)
+    with pytest.raises(SettingError, match="--redis-url"):
+        Settings.from_env({}, ["--redis-url", url])

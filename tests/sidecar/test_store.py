@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from sidecar import records
 from sidecar.records import KeyRecord, Keyspace, RateLimit
 from sidecar.resp import RespClient
-from sidecar.store import MAX_BATCH, KeyStore, StoreUnavailable
+from sidecar.store import MAX_BATCH, NOT_LOADED, KeyStore, StoreUnavailable
 from tests.conftest import RedisServer
 
 KS = Keyspace()
@@ -34,7 +34,9 @@ async def _evalsha_calls(redis: Redis) -> int:
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> KeyStore:
+async def store(redis: Redis, redis_server: RedisServer) -> KeyStore:
+    """Return a store of the session's Redis, emptied and marked loaded."""
+    await redis.set(KS.loaded, 1)
     client = RespClient(redis_server.url, timeout=2)
     yield KeyStore(client, KS, RateLimit(1000, 60_000))  # type: ignore[misc]
     await client.aclose()
@@ -56,6 +58,37 @@ async def test_checks_of_one_tick_travel_in_one_call(redis: Redis, store: KeySto
             assert records.decode(lookup.raw).key_id == f"key-{i}"
         else:
             assert lookup is None
+
+
+@pytest.mark.parametrize("mark", [None, b"0"])
+async def test_a_missing_record_in_a_redis_without_a_finished_load_is_told_apart(
+    redis: Redis, store: KeyStore, mark: bytes | None
+) -> None:
+    """The loaded mark absent (Redis lost its data) or 0 (the first load runs): a key not
+    found may be a valid one not loaded yet.  A found key is answered and counted as ever,
+    in the same single call."""
+    found, missing = "9a" * 32, "9b" * 32
+    await _ready(redis, store, found)
+    if mark is None:
+        await redis.delete(KS.loaded)
+    else:
+        await redis.set(KS.loaded, mark)
+
+    lookups = await asyncio.gather(store.check(found), store.check(missing), store.check(found))
+
+    assert await _evalsha_calls(redis) == 1
+    first, absent, second = lookups
+    assert absent is NOT_LOADED
+    assert first is not None and first is not NOT_LOADED and first.remaining == 998
+    assert second is not None and second is not NOT_LOADED and second.remaining == 997
+    assert await redis.exists(KS.rate(missing)) == 0
+
+
+async def test_a_missing_record_is_none_once_a_load_finished(redis: Redis, store: KeyStore) -> None:
+    await redis.set(KS.loaded, 1_700_000_000_000)  # the version of a finished reconcile
+    assert await store.check("9c" * 32) is None
+    await redis.set(KS.loaded, 0)
+    assert await store.check("9c" * 32) is NOT_LOADED
 
 
 async def test_a_large_tick_is_split_into_calls_of_at_most_max_batch(
