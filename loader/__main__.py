@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wacrm-loader: {e}", file=sys.stderr)
         return USAGE
     log_config(settings.log_level)
+    gc.freeze()  # as the sidecar does: exiting on SIGTERM then skips what start-up loaded
     try:
         status: int = _dispatch(args, settings)
     except (RuleError, NotFound) as e:
