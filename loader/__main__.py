@@ -19,12 +19,11 @@ from loader import admin, runner
 from loader.limits import LimitsError
 from loader.metrics import MetricsUnavailable
 from loader.mirror import REDIS_ERRORS
-from loader.pipe import redact_url
 from loader.rules import RuleError
 from loader.settings import OPTIONS, Settings
 from loader.source import KeyListing, NotFound, SourceUnavailable
 from sidecar.logs import log_config
-from sidecar.options import SettingError
+from sidecar.options import SettingError, redact_url
 from sidecar.routes import PolicyError
 
 log = logging.getLogger("loader")

@@ -17,6 +17,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from sidecar.options import redact_url
 from sidecar.resp import encode_command
 
 Arg = bytes | str | int
@@ -180,10 +181,3 @@ class Pipe:
             if not isinstance(waiter, Batch) and not waiter.done():
                 waiter.set_exception(PipeError(str(error)))
         self._room.set()
-
-
-def redact_url(url: str) -> str:
-    """Return *url* without its password."""
-    scheme, sep, rest = url.partition("://")
-    _, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}" if sep else url

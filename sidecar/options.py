@@ -59,8 +59,15 @@ def read(
         try:
             values[opt.name] = opt.parse(raw)
         except (ValueError, TypeError) as e:
-            raise SettingError(f"{origin}={raw!r}: {e}") from None
+            raise SettingError(f"{origin}={redact_url(raw)!r}: {e}") from None
     return values
+
+
+def redact_url(url: str) -> str:
+    """Return *url* without its user and password, if it is a URL that has them."""
+    scheme, sep, rest = url.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}" if sep else url
 
 
 def positive_float(raw: str) -> float:

@@ -92,3 +92,11 @@ def test_a_bad_redis_url_is_refused_naming_the_variable(url: str, why: str) -> N
     assert why in str(refused.value)
     with pytest.raises(SettingError, match="--redis-url"):
         Settings.from_env({}, ["--redis-url", url])
+
+
+def test_a_bad_redis_url_is_named_without_its_password() -> None:
+    with pytest.raises(SettingError) as caught:
+        Settings.from_env({"WACRM_REDIS_URL": "redis://gate:s3cret@host:99999/0"})
+    message = str(caught.value)
+    assert message.startswith("WACRM_REDIS_URL='redis://***@host:99999/0':")
+    assert "s3cret" not in message
