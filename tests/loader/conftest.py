@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +29,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WACRM_SCHEMA = HERE / "wacrm_schema.sql"
 NOTIFY_SQL = ROOT / "loader" / "wacrm-notify.sql"
+
+
+@contextlib.contextmanager
+def sqlite_db(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """Open *path*, commit on success, and close it: sqlite3's own ``with`` only commits."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        yield db
+
+
 ADMIN_DSN = os.environ.get("WACRM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KNOWN = KeyRules(load_policy().scopes)
 

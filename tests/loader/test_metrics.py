@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from loader.settings import Settings
 from loader.source import Changes
 from sidecar.records import Keyspace
 from tests.conftest import RedisServer
-from tests.loader.conftest import ROOT, pg_account, pg_key, settings_for
+from tests.loader.conftest import ROOT, pg_account, pg_key, settings_for, sqlite_db
 from tests.loader.test_runner import eventually, running
 
 KS = Keyspace()
@@ -87,7 +86,7 @@ async def test_metrics_move_with_a_reconcile_a_change_and_last_use_on_sqlite(
         ):
             assert r.status == 200
 
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
             db.execute(
                 "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"

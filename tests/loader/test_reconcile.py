@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from loader.source import Changes, Source
 from loader.sqlite import SqliteSource
 from sidecar.records import Keyspace, decode, hash_key, version_of
 from tests.conftest import RedisServer
-from tests.loader.conftest import KNOWN, pg_account, pg_key, settings_for
+from tests.loader.conftest import KNOWN, pg_account, pg_key, settings_for, sqlite_db
 
 KS = Keyspace()
 
@@ -273,7 +272,7 @@ async def test_bad_rows_are_skipped_with_warnings_and_cost_no_other_key(
 ) -> None:
     path = sqlite_source.path
     good = "a" * 64
-    with sqlite3.connect(path) as db:  # foreign keys off: an orphan key can exist
+    with sqlite_db(path) as db:  # foreign keys off: an orphan key can exist
         db.execute("INSERT INTO accounts (id, name) VALUES ('acct', CAST(X'41636D65FF0A' AS TEXT))")
         rows = [
             ("good", "acct", good, '["messages:send","admin:everything"]', None),

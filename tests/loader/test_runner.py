@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from loader.source import NewKey, SourceUnavailable
 from loader.sqlite import SqliteSource
 from sidecar.records import Keyspace, RateLimit, decode
 from tests.conftest import RedisServer
-from tests.loader.conftest import pg_account, pg_key, settings_for
+from tests.loader.conftest import pg_account, pg_key, settings_for, sqlite_db
 
 KS = Keyspace()
 
@@ -134,14 +133,14 @@ async def test_run_follows_sqlite_within_a_second(
         await eventually(lambda: reconciled(redis), 5)
         _sqlite_key(path, "k1", "a" * 64, new_account=True)
         assert await eventually(lambda: present(redis, "a" * 64), 1.0) < 1.0
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             db.execute("UPDATE api_keys SET revoked_at = '2025-01-01T00:00:00Z' WHERE id = 'k1'")
         assert await eventually(lambda: _absent(redis, "a" * 64), 1.0) < 1.0
 
 
 def _sqlite_key(path: Path, key_id: str, key_hash: str, *, new_account: bool = False) -> None:
     """Insert a key with the messages:send scope into the SQLite table at *path*."""
-    with sqlite3.connect(path) as db:
+    with sqlite_db(path) as db:
         if new_account:
             db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
         db.execute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from loader.source import Changes, NewKey, NotFound
 from loader.sqlite import SqliteSource, format_time, parse_time
+from tests.loader.conftest import sqlite_db
 
 
 def test_times_round_trip() -> None:
@@ -26,7 +26,7 @@ async def test_a_new_file_gets_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     source = await SqliteSource.open(path)
     await source.close()
-    with sqlite3.connect(path) as db:
+    with sqlite_db(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = [r[1] for r in db.execute("PRAGMA table_info(api_keys)")]
     assert {"accounts", "api_keys", "wacrm_changes"} <= tables
@@ -70,7 +70,7 @@ async def test_the_feed_sees_commits_of_other_connections(sqlite_source: SqliteS
     await sqlite_source.create_account("acct", "Acme")
     async with sqlite_source.feed(0.02) as feed:
         assert not await feed.next(0.1)
-        with sqlite3.connect(sqlite_source.path) as db:
+        with sqlite_db(sqlite_source.path) as db:
             db.execute("PRAGMA foreign_keys = ON")
             db.execute(
                 "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash)"
@@ -79,13 +79,13 @@ async def test_the_feed_sees_commits_of_other_connections(sqlite_source: SqliteS
             )
         inserted = await feed.next(1)
         assert inserted.key_ids == {"k1"} and inserted.key_hashes == {"a" * 64}
-        with sqlite3.connect(sqlite_source.path) as db:
+        with sqlite_db(sqlite_source.path) as db:
             db.execute("UPDATE api_keys SET last_used_at = 'now' WHERE id = 'k1'")
         assert not await feed.next(0.2)
-        with sqlite3.connect(sqlite_source.path) as db:
+        with sqlite_db(sqlite_source.path) as db:
             db.execute("UPDATE api_keys SET revoked_at = 'now' WHERE id = 'k1'")
         assert (await feed.next(1)).key_ids == {"k1"}
-        with sqlite3.connect(sqlite_source.path) as db:
+        with sqlite_db(sqlite_source.path) as db:
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("DELETE FROM accounts WHERE id = 'acct'")
         deleted = await feed.next(1)
@@ -96,7 +96,7 @@ async def test_the_feed_sees_commits_of_other_connections(sqlite_source: SqliteS
 async def test_a_pruned_change_log_asks_for_a_full_reconcile(sqlite_source: SqliteSource) -> None:
     await sqlite_source.create_account("acct", "Acme")
     async with sqlite_source.feed(0.02) as feed:
-        with sqlite3.connect(sqlite_source.path) as db:
+        with sqlite_db(sqlite_source.path) as db:
             db.execute("INSERT INTO wacrm_changes (account_id) VALUES ('x')")
             db.execute("INSERT INTO wacrm_changes (account_id) VALUES ('y')")
             db.execute("DELETE FROM wacrm_changes WHERE account_id = 'x'")
