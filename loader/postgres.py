@@ -34,7 +34,7 @@ CONNECTION_ERRORS = (
 
 _SELECT = """
 SELECT k.id::text, k.account_id::text, a.name, a.id IS NOT NULL, k.key_prefix, k.key_hash,
-       k.scopes, floor(extract(epoch FROM k.expires_at) * 1000)::int8, k.revoked_at IS NOT NULL,
+       k.scopes, ceil(extract(epoch FROM k.expires_at) * 1000)::int8, k.revoked_at IS NOT NULL,
        NULL::text
 FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
 """
@@ -51,7 +51,7 @@ SELECT CASE WHEN e.ms <= $2 THEN NULL ELSE k.key_hash END,
          || ',"p":' || to_json(k.key_prefix)::text || ',"s":' || {scopes}
          || ',"e":' || coalesce(e.ms::text, 'null') || '}}', 'UTF8') END
 FROM api_keys k
-CROSS JOIN LATERAL (SELECT floor(extract(epoch FROM k.expires_at) * 1000)::int8 AS ms) e
+CROSS JOIN LATERAL (SELECT ceil(extract(epoch FROM k.expires_at) * 1000)::int8 AS ms) e
 LEFT JOIN (
   SELECT a.id, coalesce(al.l, 'null') AS l,
          '","a":"' || a.id::text || '","n":' || coalesce(to_json(a.name)::text, 'null') AS j

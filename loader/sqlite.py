@@ -36,6 +36,9 @@ def schema() -> str:
     return resources.files("loader").joinpath("sqlite-schema.sql").read_text()
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def format_time(moment: datetime) -> str:
     """Return *moment* as the ISO 8601 UTC text the SQLite table stores."""
     moment = moment.astimezone(UTC)
@@ -340,7 +343,7 @@ def _row(r: Any) -> KeyRow:
         key_prefix=str(r[4]),
         key_hash=str(r[5]),
         scopes=_scopes(r[6]),
-        expires_at_ms=None if expires is None else int(expires.timestamp() * 1000),
+        expires_at_ms=None if expires is None else _ceil_ms(expires),
         revoked=bool(r[8]),
         problem=problem,
     )
@@ -366,3 +369,9 @@ def _unavailable(what: str) -> Iterator[None]:
         yield
     except sqlite3.Error as e:
         raise SourceUnavailable(f"{what}: {e}") from e
+
+
+def _ceil_ms(moment: datetime) -> int:
+    """Return *moment* in Unix milliseconds, rounded up: a key never expires early."""
+    since = moment - _EPOCH
+    return since.days * 86_400_000 + since.seconds * 1000 + -(-since.microseconds // 1000)

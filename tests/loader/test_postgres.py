@@ -42,7 +42,7 @@ async def test_snapshot_reads_unrevoked_keys_in_batches(
     row = KeyRow(*chunks[0][0])  # the driver's rows come in KeyRow's field order
     assert row.account_id == acct and row.account_name == "Acme" and row.account_exists
     assert list(row.scopes) == ["contacts:read"] and not row.revoked
-    assert row.expires_at_ms == 4102444800123
+    assert row.expires_at_ms == 4102444800124  # rounded up: a key never expires early
 
 
 async def test_rows_reads_current_rows_by_hash_id_or_account(
