@@ -16,10 +16,41 @@ from tests.conftest import RedisServer
 from tests.e2e import rawhttp
 
 
+def store_key(
+    r: redis_sync.Redis,
+    keyspace: Keyspace,
+    scopes: Sequence[str],
+    *,
+    account_id: str,
+    account_name: str | None,
+    key_id: str,
+    expires_at_ms: int | None = None,
+) -> str:
+    """Mint a key and store its record in *r* as the loader would; return the plaintext."""
+    minted = apikeys.mint()
+    record = KeyRecord(
+        key_id, account_id, account_name, minted.key_prefix, tuple(scopes), expires_at_ms
+    )
+    version = int(time.time() * 1000)
+    r.register_script(records.PUT_SCRIPT)(
+        keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
+        args=[records.encode(record, version=version), version, expires_at_ms or ""],
+    )
+    return minted.plaintext
+
+
 class Gate:
     """nginx on `port` in front of the echo upstream, asking the sidecar about every request."""
 
-    def __init__(self, workdir: Path, redis_server: RedisServer) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        redis_server: RedisServer,
+        *,
+        sidecar_env: dict[str, str] | None = None,
+        server_lines: str = "",
+    ) -> None:
+        """*sidecar_env* adds to the sidecar's settings; *server_lines* go in nginx's server."""
         self.redis_server = redis_server
         self.keyspace = Keyspace()
         self.upstream = procs.upstream(workdir)
@@ -30,12 +61,20 @@ class Gate:
                 "WACRM_REDIS_TIMEOUT": "0.3",
                 # Wacrm's 120, over an hour: no request is earned back while a test runs.
                 "WACRM_RATE_LIMIT": "120/1h",
+                **(sidecar_env or {}),
             },
         )
         self.nginx = procs.nginx(
             workdir, sidecar_port=self.sidecar.port, upstream_port=self.upstream.port
         )
         self.port = self.nginx.port
+        if server_lines:
+            conf = workdir / "nginx.conf"
+            text = conf.read_text()
+            assert text.count("    server {\n") == 1
+            conf.write_text(
+                text.replace("    server {\n", f"    server {{\n        {server_lines}\n")
+            )
 
     def start(self) -> None:
         for p in (self.upstream, self.sidecar, self.nginx):
@@ -63,21 +102,16 @@ class Gate:
         expires_at_ms: int | None = None,
     ) -> str:
         """Mint a key, store its record as the loader would; return the plaintext."""
-        minted = apikeys.mint()
-        record = KeyRecord(
-            key_id, account_id, account_name, minted.key_prefix, tuple(scopes), expires_at_ms
-        )
         with self.redis() as r:
-            version = int(time.time() * 1000)
-            put = r.register_script(records.PUT_SCRIPT)
-            put(
-                keys=[
-                    self.keyspace.record(minted.key_hash),
-                    self.keyspace.tombstone(minted.key_hash),
-                ],
-                args=[records.encode(record, version=version), version, expires_at_ms or ""],
+            return store_key(
+                r,
+                self.keyspace,
+                scopes,
+                account_id=account_id,
+                account_name=account_name,
+                key_id=key_id,
+                expires_at_ms=expires_at_ms,
             )
-        return minted.plaintext
 
     def delete_key(self, plaintext: str) -> None:
         """Revoke *plaintext* the way the loader does: delete its record."""

@@ -27,12 +27,12 @@ import pytest
 import redis as redis_sync
 
 from demo import procs
-from sidecar import apikeys, records
-from sidecar.records import KeyRecord, Keyspace
+from sidecar.records import Keyspace
 from tests.conftest import RedisServer
 from tests.e2e import keepalive
+from tests.e2e.conftest import store_key
 from tests.routers.corpus import Probe, corpus, fill
-from tests.routers.table import routes, routes_file
+from tests.routers.table import routes
 
 EXPRESS = procs.ROOT / ".venv" / "express" / "node_modules"
 ROUTES = routes()
@@ -60,11 +60,10 @@ def app_argv(router: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sidecar(workdir: Path, redis_server: RedisServer) -> Iterator[procs.Process]:
-    """Run the sidecar on the upstreams' route table, without rate limits."""
+    """Run the sidecar on Wacrm's route table, the upstreams' too, without rate limits."""
     folder = workdir / "routers"
     folder.mkdir(exist_ok=True)
-    (folder / "wacrm.routes").write_text(routes_file())
-    env = {"WACRM_RATE_LIMIT": "off", "WACRM_ROUTES": str(folder / "wacrm.routes")}
+    env = {"WACRM_RATE_LIMIT": "off"}
     process = procs.sidecar(folder, redis_url=redis_server.url, extra_env=env)
     process.start()
     yield process
@@ -80,23 +79,15 @@ def keys(redis_server: RedisServer) -> dict[str, str]:
     with redis_sync.Redis.from_url(redis_server.url) as r:
         r.flushdb()
         r.set(keyspace.loaded, int(time.time() * 1000))
-        put = r.register_script(records.PUT_SCRIPT)
         for scope in KEY_SCOPES:
-            minted = apikeys.mint()
-            record = KeyRecord(
-                str(uuid.uuid4()),
-                "7a1d6c1e-0000-4000-8000-000000000001",
-                "Acme Inc",
-                minted.key_prefix,
+            plaintexts[scope] = store_key(
+                r,
+                keyspace,
                 (scope,) if scope else (),
-                None,
+                account_id="7a1d6c1e-0000-4000-8000-000000000001",
+                account_name="Acme Inc",
+                key_id=str(uuid.uuid4()),
             )
-            version = int(time.time() * 1000)
-            put(
-                keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
-                args=[records.encode(record, version=version), version, ""],
-            )
-            plaintexts[scope] = minted.plaintext
     return plaintexts
 
 

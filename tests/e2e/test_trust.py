@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from demo import procs
-from sidecar.records import Keyspace
 from tests.conftest import RedisServer
 from tests.e2e.conftest import Gate
 
@@ -24,35 +23,17 @@ KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 ROUTES = (Path(procs.ROOT) / "sidecar" / "wacrm.routes").read_text() + "GET /api/v1/ping -\n"
 
 
-class UnderscoreGate(Gate):
-    """The shipped nginx config with ``underscores_in_headers on``, and our route file."""
-
-    def __init__(self, workdir: Path, redis_server: RedisServer) -> None:
-        self.redis_server = redis_server
-        self.keyspace = Keyspace()
-        routes = workdir / "routes"
-        routes.write_text(ROUTES)
-        self.upstream = procs.upstream(workdir)
-        self.sidecar = procs.sidecar(
-            workdir,
-            redis_url=redis_server.url,
-            extra_env={"WACRM_ROUTES": str(routes), "WACRM_RATE_LIMIT": "off"},
-        )
-        self.nginx = procs.nginx(
-            workdir, sidecar_port=self.sidecar.port, upstream_port=self.upstream.port
-        )
-        self.port = self.nginx.port
-        conf = workdir / "nginx.conf"
-        text = conf.read_text()
-        assert text.count("    server {\n") == 1
-        conf.write_text(
-            text.replace("    server {\n", "    server {\n        underscores_in_headers on;\n")
-        )
-
-
 @pytest.fixture(scope="module")
 def trusted(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Gate]:
-    gate = UnderscoreGate(tmp_path_factory.mktemp("underscores"), redis_server)
+    workdir = tmp_path_factory.mktemp("underscores")
+    routes = workdir / "routes"
+    routes.write_text(ROUTES)
+    gate = Gate(
+        workdir,
+        redis_server,
+        sidecar_env={"WACRM_ROUTES": str(routes), "WACRM_RATE_LIMIT": "off"},
+        server_lines="underscores_in_headers on;",
+    )
     gate.start()
     yield gate
     gate.stop()
@@ -63,7 +44,7 @@ def gate(trusted: Gate) -> Gate:
     trusted.redis_server.start()
     with trusted.redis() as r:
         r.flushdb()
-        r.set(trusted.keyspace.loaded, 1)  # Redis holds a finished load
+    trusted.mark_loaded()  # Redis holds a finished load
     return trusted
 
 
