@@ -6,21 +6,22 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
-from loader.pipe import Batch, Pipe, PipeError
-from loader.rows import Fields
+from loader.pipe import Batch, Pipe
 from sidecar.records import (
     DELETE_SCRIPT,
     DRAIN_USED_SCRIPT,
+    HASH_LENGTH,
     PUT_MANY_SCRIPT,
     TOMBSTONE_TTL_MS,
+    VERSION_HEAD,
     KeyRecord,
     Keyspace,
-    encode,
-    encode_fields,
+    body,
 )
+from sidecar.resp import RedisError, ReplyError
 
 #: What a Redis call of the loader can raise when the server is down, slow or confused.
-REDIS_ERRORS = (PipeError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 #: Keys written per call of PUT_MANY_SCRIPT: it holds Redis for about a millisecond.
 PUT_MANY_KEYS = 200
@@ -29,9 +30,6 @@ PUT_MANY_KEYS = 200
 _TICK = 0.002
 _NEVER = b"$0\r\n\r\n"
 _NEVER_TAIL = b"\r\n" + _NEVER
-_VERSION_0 = len(b'{"v":0')
-if not encode(KeyRecord("", "", None, "", ()), version=0).startswith(b'{"v":0,'):
-    raise ImportError("sidecar.records no longer encodes the version first")
 
 
 class Mirror:
@@ -42,16 +40,11 @@ class Mirror:
         self.keyspace = keyspace
         self._put_head = b""
         self._delete_head = b""
-        # Every record and tombstone key is the prefix, a fixed part and a 64-character hash,
-        # so their RESP form is a constant head, the hash and a constant tail.
-        # Sizes in bytes: a prefix may hold characters that UTF-8 writes in several.
-        record = keyspace.record("0" * 64).encode()
-        tombstone = keyspace.tombstone("0" * 64).encode()
-        self._prefix_len = len(record) - 65
-        #: What a record's Redis key is before its hash (the hash and "}" follow).
-        self.record_head = keyspace.record("")[:-1]
-        self._record_head = b"$%d\r\n%s" % (len(record), record[:-65])
-        self._tombstone_head = b"$%d\r\n%s" % (len(tombstone), tombstone[:-65])
+        # Every record and tombstone key of a valid hash has the same length, so its RESP form
+        # is a constant head, the hash and a constant tail (sizes in bytes: a prefix may hold
+        # characters that UTF-8 writes in several).
+        self._record_parts = _resp_parts(*keyspace.record_around)
+        self._tombstone_parts = _resp_parts(*keyspace.tombstone_around)
 
     @classmethod
     async def open(cls, url: str, keyspace: Keyspace, *, connect_timeout: float) -> Mirror:
@@ -88,15 +81,7 @@ class Mirror:
 
     async def fetch(self, key_hashes: Sequence[str]) -> list[bytes | None]:
         """Return the stored record of each of *key_hashes* (None where there is none)."""
-        return await self.fetch_keys([self.record_key(h) for h in key_hashes])
-
-    def record_key(self, key_hash: str) -> bytes:
-        """Return the Redis key of *key_hash*'s record, as `fetch_keys` and `scan_keys` do."""
-        return (self.record_head + key_hash + "}").encode()
-
-    def hash_in(self, record_key: bytes) -> str:
-        """Return the hash inside the Redis key *record_key* of a record."""
-        return record_key[self._prefix_len : -1].decode()
+        return await self.fetch_keys(self.keyspace.record_keys(key_hashes))
 
     async def fetch_keys(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Return the value of each of the Redis *keys* (None where there is none)."""
@@ -117,35 +102,37 @@ class Mirror:
     ) -> None:
         """Send a versioned write of each (hash, record) in *records*; tally them in *batch*."""
         await self.put_bodies(
-            [(h, unversioned(r), r.expires_at_ms) for h, r in records], version=version, batch=batch
+            [(h, body(r), r.expires_at_ms) for h, r in records], version=version, batch=batch
         )
 
     async def put_bodies(
         self, bodies: Sequence[tuple[str, bytes, int | None]], *, version: int, batch: Batch
     ) -> None:
-        """Like `put`, for (hash, `unversioned` record, expiry) triples already encoded."""
+        """Like `put`, for (hash, `sidecar.records.body`, expiry) triples already encoded."""
         if not bodies:
             return
         # Built as text where it is text (f-strings are the cheapest formatting there is),
         # with one header per payload length: this runs once per key of a full sync.
-        rhead, thead = self._record_head.decode(), self._tombstone_head.decode()
+        rhead, rtail, thead, ttail = [
+            p.decode() for p in (*self._record_parts, *self._tombstone_parts)
+        ]
         ver = b"%d" % version
-        # The payload is encode(record, version=version): the version field, then the body.
-        lead = b'{"v":' + ver
+        # The payload is encode(record, version=version): the version, then the body.
+        lead = VERSION_HEAD + ver
         size = len(lead)
         heads: dict[int, bytes] = {}
         out = []
         for i in range(0, len(bodies), PUT_MANY_KEYS):
             group = bodies[i : i + PUT_MANY_KEYS]
-            keys = "".join([f"{rhead}{h}}}\r\n{thead}{h}}}\r\n" for h, _, _ in group])
+            keys = "".join([f"{rhead}{h}{rtail}{thead}{h}{ttail}" for h, _, _ in group])
             args = []
-            for _, body, expires in group:
-                n = size + len(body)
+            for _, payload, expires in group:
+                n = size + len(payload)
                 head = heads.get(n)
                 if head is None:
                     head = heads[n] = b"$%d\r\n%s" % (n, lead)
                 args.append(head)
-                args.append(body)
+                args.append(payload)
                 args.append(
                     _NEVER_TAIL
                     if expires is None
@@ -169,12 +156,13 @@ class Mirror:
 
     async def delete(self, key_hashes: Iterable[str], *, version: int, batch: Batch) -> None:
         """Send a versioned delete of each of *key_hashes*; tally them in *batch*."""
-        head, rhead, thead = self._delete_head, self._record_head, self._tombstone_head
+        head = self._delete_head
+        (rhead, rtail), (thead, ttail) = self._record_parts, self._tombstone_parts
         ver = b"%d" % version
         ttl = b"%d" % TOMBSTONE_TTL_MS
         tail = b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ver), ver, len(ttl), ttl)
         out = [
-            b"%s%s%s}\r\n%s%s}\r\n%s" % (head, rhead, hb, thead, hb, tail)
+            b"%s%s%s%s%s%s%s%s" % (head, rhead, hb, rtail, thead, hb, ttail, tail)
             for h in key_hashes
             for hb in (h.encode(),)
         ]
@@ -182,10 +170,10 @@ class Mirror:
             await self.pipe.send(b"".join(out), len(out), batch)
 
     async def wait(self, batch: Batch) -> Batch:
-        """Wait for every write tallied in *batch*; raise PipeError if Redis refused one."""
+        """Wait for every write tallied in *batch*; raise ReplyError if Redis refused one."""
         await self.pipe.wait(batch)
         if batch.errors:
-            raise PipeError(f"Redis refused {len(batch.errors)} writes: {batch.errors[0]}")
+            raise ReplyError(f"Redis refused {len(batch.errors)} writes: {batch.errors[0]}")
         return batch
 
     async def scan_keys(self, *, count: int = 10000) -> AsyncIterator[list[bytes]]:
@@ -230,23 +218,10 @@ class Mirror:
         return bool(await self.pipe.call("EXISTS", self.keyspace.loaded))
 
 
-def unversioned(record: KeyRecord) -> bytes:
-    """Return ``encode(record, ...)`` after its version: what every stored copy shares.
-
-    `sidecar.records` puts the version first (its scripts rely on it), so the encoding at
-    any version is ``{"v":<version>`` followed by these bytes.
-    """
-    return encode(record, version=0)[_VERSION_0:]
-
-
-def unversioned_fields(fields: Fields) -> bytes:
-    """Return `unversioned` of a record of these *fields* (see `loader.rows.decide`)."""
-    return encode_fields(0, *fields)[_VERSION_0:]
-
-
-def same_record(stored: bytes, record: KeyRecord) -> bool:
-    """Tell whether *stored* holds *record*, whatever version it was written at."""
-    return stored[stored.find(b",") :] == unversioned(record)
+def _resp_parts(head: str, tail: str) -> tuple[bytes, bytes]:
+    """Return the RESP framing of a Redis key of a valid hash: what precedes and follows it."""
+    size = len(head.encode()) + HASH_LENGTH + len(tail.encode())
+    return b"$%d\r\n%s" % (size, head.encode()), tail.encode() + b"\r\n"
 
 
 def _sha(reply: bytes | str) -> bytes:

@@ -16,6 +16,7 @@ import asyncpg
 
 from loader.rows import KeyRow, KeyRules, is_valid_hash
 from loader.source import Changes, KeyListing, NewKey, NotFound, SourceUnavailable
+from sidecar.records import FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,18 @@ FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
 
 
 #: `bodies`: each unrevoked key's hash and, when the SQL can tell what its record is, that
-#: record's JSON after the version field exactly as ``sidecar.records.encode`` writes it; NULL
+#: record's JSON after the version field exactly as ``sidecar.records.body`` makes it; NULL
 #: hash = expired at $2.  $1: known scopes, $2: version (ms), $3/$4 ($5/$6): the ids and JSON
-#: rate limits of accounts (keys) with limits of their own; the {fields} are `_bodies`'s.
+#: rate limits of accounts (keys) with limits of their own; {body} is `_body_sql`'s.
 _BODIES = """
 SELECT CASE WHEN e.ms <= $2 THEN NULL ELSE k.key_hash END,
        CASE WHEN k.scopes <@ $1::text[] AND (e.ms IS NULL OR e.ms > $2) THEN convert_to(
-         ',"l":' || {limit} || ',"k":"' || k.id::text || a.j
-         || ',"p":' || to_json(k.key_prefix)::text || ',"s":' || {scopes}
-         || ',"e":' || coalesce(e.ms::text, 'null') || '}}', 'UTF8') END
+         {body}, 'UTF8') END
 FROM api_keys k
 CROSS JOIN LATERAL (SELECT ceil(extract(epoch FROM k.expires_at) * 1000)::int8 AS ms) e
 LEFT JOIN (
-  SELECT a.id, coalesce(al.l, 'null') AS l,
-         '","a":"' || a.id::text || '","n":' || coalesce(to_json(a.name)::text, 'null') AS j
+  SELECT a.id, coalesce(al.l, 'null') AS l, '"' || a.id::text || '"' AS id_json,
+         coalesce(to_json(a.name)::text, 'null') AS name_json
   FROM accounts a LEFT JOIN unnest($3::text[], $4::text[]) AS al(id, l) ON al.id = a.id::text
   OFFSET 0
 ) a ON a.id = k.account_id
@@ -299,7 +298,7 @@ def _bodies(version: int, rules: KeyRules) -> tuple[str, list[Any]]:
     if limits.keys:
         key_join = "LEFT JOIN unnest($5::text[], $6::text[]) AS kl(id, l) ON kl.id = k.id::text\n"
         limit = "coalesce(kl.l, a.l)"
-    query = _BODIES.format(scopes=scopes, key_join=key_join, limit=limit)
+    query = _BODIES.format(body=_body_sql(limit=limit, scopes=scopes), key_join=key_join)
     args: list[Any] = [
         sorted(rules.scopes),
         version,
@@ -309,6 +308,23 @@ def _bodies(version: int, rules: KeyRules) -> tuple[str, list[Any]]:
     if limits.keys:
         args += [list(limits.keys), [f"[{r.limit},{r.window_ms}]" for r in limits.keys.values()]]
     return query, args
+
+
+def _body_sql(*, limit: str, scopes: str) -> str:
+    """Return the SQL text expression of a record's body: its fields in `FIELDS`'s order."""
+    json_of = {  # each field's JSON, as SQL text
+        "l": limit,
+        "k": "'\"' || k.id::text || '\"'",  # a uuid's text needs no JSON escape
+        "a": "a.id_json",
+        "n": "a.name_json",
+        "p": "to_json(k.key_prefix)::text",
+        "s": scopes,
+        "e": "coalesce(e.ms::text, 'null')",
+    }
+    names = [name for name, _ in FIELDS[1:]]  # the version is not in the body
+    if sorted(names) != sorted(json_of):
+        raise ValueError(f"the SQL builds fields {sorted(json_of)}, a record has {names}")
+    return " || ".join(f"',\"{name}\":' || {json_of[name]}" for name in names) + " || '}'"
 
 
 def _row(r: Any) -> KeyRow:

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from loader.mirror import Mirror, unversioned_fields
+from loader.mirror import Mirror
 from loader.pipe import Batch
-from loader.rows import Fields, KeyRow, KeyRules, decide, is_valid_hash, judge
+from loader.rows import KeyRow, KeyRules, is_valid_hash, judge, judge_fields
 from loader.source import Changes, Source
-from sidecar.records import KeyRecord
+from sidecar.records import Fields, KeyRecord, body_of, body_of_fields
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,15 @@ async def _reconcile(
                     asked.stored.cancel()
         else:
             async for rows in _prefetch(source.snapshot(batch_size)):
-                await run.judge(rows, compare=False)
+                await run.load_rows(rows, compare=False)
         candidates = await strays
     finally:
         strays.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await strays
     deletes = Batch()
-    seen, hash_in = run.seen, reads.hash_in
-    gone = [hash_in(k) for k in candidates if k not in seen]
+    seen = run.seen
+    gone = reads.keyspace.hashes_in([k for k in candidates if k not in seen])
     for i in range(0, len(gone), batch_size):
         await writes.delete(gone[i : i + batch_size], version=report.version, batch=deletes)
     await writes.wait(run.puts)
@@ -213,40 +213,36 @@ class _Run:
         self.problems = _Problems()
         self.puts = Batch()
 
-    async def judge(self, rows: Sequence[KeyRow], *, compare: bool = True) -> None:
+    async def load_rows(self, rows: Sequence[KeyRow], *, compare: bool = True) -> None:
         """Judge *rows* here, and write the records that Redis does not hold as they are.
 
         Without *compare*, write every record without reading Redis first: cheaper when
         Redis holds next to nothing (the write itself leaves an identical record alone).
         """
         report, version, rules = self.report, self.report.version, self.rules
-        seen_add, note, head = self.seen.add, self.problems.note, self.reads.record_head
+        note = self.problems.note
         hashes: list[str] = []
-        keys: list[bytes] = []
         records: list[Fields] = []
         for row in rows:
-            record, trouble = decide(row, rules, version)
+            record, trouble = judge_fields(row, rules, version)
             if trouble:
                 note(row[0], trouble)
             if record is None:
                 report.skipped += 1
             else:
-                key = (head + row[5] + "}").encode()
                 hashes.append(row[5])
-                keys.append(key)
                 records.append(record)
-                seen_add(key)
+        keys = self.reads.keyspace.record_keys(hashes)
+        self.seen.update(keys)
         if compare:
             stored = await self.reads.fetch_keys(keys)
             changed = []
             for key_hash, record, raw in zip(hashes, records, stored, strict=True):
-                body = unversioned_fields(record)
-                if raw is None or raw[raw.find(b",") :] != body:
+                body = body_of_fields(record)
+                if raw is None or body_of(raw) != body:
                     changed.append((key_hash, body, record[5]))
         else:
-            changed = [
-                (h, unversioned_fields(r), r[5]) for h, r in zip(hashes, records, strict=True)
-            ]
+            changed = [(h, body_of_fields(r), r[5]) for h, r in zip(hashes, records, strict=True)]
         await self.writes.put_bodies(changed, version=version, batch=self.puts)
         report.active += len(hashes)
 
@@ -255,7 +251,7 @@ class _Run:
 
         A body equal to the stored record proves the record current: the source builds
         either ``encode``'s exact bytes or bytes the loader never writes.  Every other row
-        is read again, judged and written as in `judge` (see `settle`).
+        is read again, judged and written as in `load_rows` (see `settle`).
         """
         hashes: list[str] = []
         expected: list[bytes] = []
@@ -271,14 +267,13 @@ class _Run:
                 expected.append(body)
         self.report.skipped += skipped
         if "".join(hashes).encode().translate(None, _HEX_BYTES):
-            # Some hash is not lowercase hex (rare): leave those to judge().
+            # Some hash is not lowercase hex (rare): leave those to load_rows().
             valid = [is_valid_hash(h) for h in hashes]
             again += [h for h, ok in zip(hashes, valid, strict=True) if not ok]
             expected = [b for b, ok in zip(expected, valid, strict=True) if ok]
             hashes = [h for h, ok in zip(hashes, valid, strict=True) if ok]
         # A hash of the wrong length names no record the loader writes: it differs below.
-        head = self.reads.record_head
-        keys = [(head + h + "}").encode() for h in hashes]
+        keys = self.reads.keyspace.record_keys(hashes)
         return _Asked(keys, expected, again, asyncio.ensure_future(self.reads.fetch_keys(keys)))
 
     async def settle(self, asked: _Asked) -> None:
@@ -288,17 +283,17 @@ class _Run:
         held = [
             key
             for key, body, raw in zip(keys, expected, stored, strict=True)
-            if raw and raw[raw.find(b",") :] == body
+            if raw and body_of(raw) == body
         ]
         self.seen.update(held)
         self.report.active += len(held)
         if len(held) < len(keys):
             kept = set(held)
-            again += [self.reads.hash_in(k) for k in keys if k not in kept]
+            again += self.reads.keyspace.hashes_in([k for k in keys if k not in kept])
         if again:
             # The rows as they are now, not as the snapshot had them: anything read after
             # the version may be written at it (refresh does the same).
-            await self.judge(await self.source.rows(Changes(key_hashes=set(again))))
+            await self.load_rows(await self.source.rows(Changes(key_hashes=set(again))))
 
 
 async def refresh(source: Source, mirror: Mirror, changes: Changes, *, rules: KeyRules) -> Report:

@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from loader.limits import NO_LIMITS, Limits
-from sidecar.records import KeyRecord, RateLimit
+from sidecar.records import Fields, KeyRecord
 
 _HEX = "0123456789abcdef"
 #: Longest account name put in a record; longer names are cut (Wacrm's own names are short).
@@ -36,12 +36,10 @@ class KeyRow(NamedTuple):
     problem: str | None = None
 
 
-#: A record's fields in `KeyRecord`'s order (a tuple is much cheaper to build).
-Fields = tuple[str, str, str | None, str, tuple[str, ...], int | None, RateLimit | None]
 #: What to do with a row: the record to hold (None = hold nothing) and any complaints.
-Verdict = tuple[KeyRecord | None, tuple[str, ...]]
-FieldsVerdict = tuple[Fields | None, tuple[str, ...]]
-_NOTHING: FieldsVerdict = (None, ())
+Judgement = tuple[KeyRecord | None, tuple[str, ...]]
+FieldsJudgement = tuple[Fields | None, tuple[str, ...]]
+_NOTHING: FieldsJudgement = (None, ())
 
 
 def is_valid_hash(key_hash: str) -> bool:
@@ -58,13 +56,13 @@ class KeyRules:
     limits: Limits = NO_LIMITS
 
 
-def judge(row: KeyRow, rules: KeyRules, now_ms: int) -> Verdict:
-    """Decide what Redis must hold for *row* at *now_ms*, under *rules* (see `decide`)."""
-    fields, problems = decide(row, rules, now_ms)
+def judge(row: KeyRow, rules: KeyRules, now_ms: int) -> Judgement:
+    """Decide what Redis must hold for *row* at *now_ms*, under *rules* (see `judge_fields`)."""
+    fields, problems = judge_fields(row, rules, now_ms)
     return (None if fields is None else KeyRecord(*fields)), problems
 
 
-def decide(row: KeyRow, rules: KeyRules, now_ms: int) -> FieldsVerdict:
+def judge_fields(row: KeyRow, rules: KeyRules, now_ms: int) -> FieldsJudgement:
     """Decide what Redis must hold for *row* at *now_ms*, under *rules*, as plain fields.
 
     *row* may be any sequence in `KeyRow`'s field order (a database driver's row); this runs

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from functools import lru_cache
 from typing import Any
 
-import orjson
 from aiohttp import web
 from multidict import istr
 
-from sidecar import decision
-from sidecar.decision import Denial
+from sidecar import answers, decision
 from sidecar.metrics import Metrics
 from sidecar.records import Keyspace
 from sidecar.resp import RespClient
 from sidecar.routes import load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
-from sidecar.verifier import Headers, Verdict, Verifier, decode_record
+from sidecar.verifier import Verdict, Verifier
 
 log = logging.getLogger(__name__)
 
-# Header names as istr: multidict then skips folding their case on every request.
-ACCOUNT_HEADER = istr("X-Wacrm-Account-Id")
-KEY_HEADER = istr("X-Wacrm-Key-Id")
-SCOPES_HEADER = istr("X-Wacrm-Scopes")
-#: X-Wacrm-Scopes of a key without scopes: proxies drop an empty header, and a missing one
-#: must mean "not through the gate".  "-" is the route file's own word for no scope.
-NO_SCOPES = "-"
-#: On a refusal to nginx: the status the client must get, the exact body, the challenge.
-STATUS_HEADER = istr("X-Wacrm-Status")
-ERROR_HEADER = istr("X-Wacrm-Error")
-CHALLENGE_HEADER = istr("X-Wacrm-Challenge")
 ORIGINAL_URI = istr("X-Original-URI")
 ORIGINAL_URL = istr("X-Original-URL")
 ORIGINAL_METHOD = istr("X-Original-Method")
@@ -89,10 +75,10 @@ class Gate:
         """Answer *request* from the endpoint at its path."""
         route = self._routes.get(request.path)
         if route is None:
-            return _json(404, NOT_FOUND_BODY, ())
+            return answers.json(404, NOT_FOUND_BODY)
         handler, methods = route
         if methods is not None and request.method not in methods:
-            return _json(405, METHOD_NOT_ALLOWED_BODY, (("Allow", "GET, HEAD"),))
+            return answers.json(405, METHOD_NOT_ALLOWED_BODY, (("Allow", "GET, HEAD"),))
         return await handler(request)
 
     async def close(self) -> None:
@@ -113,11 +99,8 @@ class Gate:
             log.error(
                 "auth request without X-Original-URI or X-Original-URL; check the nginx snippet"
             )
-            return _nginx_refusal(decision.MISCONFIGURED, ())
-        verdict = await self.verifier.verify(h, h.get(ORIGINAL_METHOD, "GET"), uri)
-        if verdict.denial is not None:
-            return _nginx_refusal(verdict.denial, verdict.rate_headers())
-        return _allowed(verdict)
+            return answers.to_nginx(Verdict(decision.MISCONFIGURED))
+        return answers.to_nginx(await self.verifier.verify(h, h.get(ORIGINAL_METHOD, "GET"), uri))
 
     async def forward_auth(self, request: web.BaseRequest) -> web.Response:
         """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal as is.
@@ -130,39 +113,23 @@ class Gate:
         uri = h.get(FORWARDED_URI)
         if uri is None:
             log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
-            return _refusal(Verdict(decision.MISCONFIGURED))
-        verdict = await self.verifier.verify(h, h.get(FORWARDED_METHOD, "GET"), uri)
-        if verdict.denial is not None:
-            return _refusal(verdict)
-        return _allowed(verdict)
+            return answers.to_client(Verdict(decision.MISCONFIGURED))
+        return answers.to_client(await self.verifier.verify(h, h.get(FORWARDED_METHOD, "GET"), uri))
 
     async def me(self, request: web.BaseRequest) -> web.Response:
         """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
         # The path as sent: the same rules as every other route (no "/api/v1/./me").
-        verdict = await self.verifier.verify(request.headers, "GET", request.raw_path)
-        if verdict.denial is not None:
-            return _refusal(verdict)
-        record = verdict.record
-        assert record is not None
-        body = orjson.dumps(
-            {
-                "data": {
-                    "account": {"id": record.account_id, "name": record.account_name},
-                    "key": {"id": record.key_id, "scopes": record.scopes},
-                }
-            }
-        )
-        return _json(200, body, verdict.rate_headers())
+        return answers.me(await self.verifier.verify(request.headers, "GET", request.raw_path))
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
         """Tell that the process is up."""
-        return _json(200, b'{"status":"ok"}', ())
+        return answers.json(200, b'{"status":"ok"}')
 
     async def readyz(self, request: web.BaseRequest) -> web.Response:
         """Tell whether Redis answers, so the sidecar can take traffic."""
         if await self.verifier.store.ping():
-            return _json(200, b'{"status":"ready"}', ())
-        return _json(503, b'{"status":"redis unavailable"}', (("Retry-After", "1"),))
+            return answers.json(200, b'{"status":"ready"}')
+        return answers.json(503, b'{"status":"redis unavailable"}', (("Retry-After", "1"),))
 
     async def metrics_page(self, request: web.BaseRequest) -> web.Response:
         """Expose the metrics in Prometheus's text format."""
@@ -177,23 +144,6 @@ class Gate:
 _GET = frozenset({"GET", "HEAD"})
 
 
-def _allowed(verdict: Verdict) -> web.Response:
-    """Let the request through: the key's identity, and where it stands on its rate limit."""
-    assert verdict.lookup is not None
-    return web.Response(headers=(*_identity_of(verdict.lookup.raw), *verdict.rate_headers()))
-
-
-@lru_cache(maxsize=16384)
-def _identity_of(raw: bytes) -> Headers:
-    # Cached by the stored bytes, like the record the verifier decoded from them.
-    record = decode_record(raw)
-    return (
-        (ACCOUNT_HEADER, record.account_id),
-        (KEY_HEADER, record.key_id),
-        (SCOPES_HEADER, " ".join(record.scopes) or NO_SCOPES),
-    )
-
-
 def _target_of(url: str) -> str:
     """Return the request target of the absolute *url* (scheme://host/target)."""
     _, sep, rest = url.partition("://")
@@ -201,38 +151,3 @@ def _target_of(url: str) -> str:
         return url
     slash = rest.find("/")
     return rest[slash:] if slash >= 0 else "/"
-
-
-def _refusal(verdict: Verdict) -> web.Response:
-    denial = verdict.denial
-    assert denial is not None
-    return _json(denial.status, denial.body, (*denial.headers, *verdict.rate_headers()))
-
-
-def _nginx_refusal(denial: Denial, rate_headers: Headers) -> web.Response:
-    """Squeeze *denial* into what auth_request passes on: 401 or 403, plus the real status."""
-    status, headers = _nginx_form(denial)
-    return web.Response(status=status, headers=(*headers, *rate_headers))
-
-
-@lru_cache(maxsize=1024)
-def _nginx_form(denial: Denial) -> tuple[int, Headers]:
-    """Return the status and headers that carry *denial* through auth_request.
-
-    Any status but 2xx, 401 and 403 becomes nginx's 500, which the shipped snippets turn into
-    503; so 400 and 429 travel as 403, with the real status in X-Wacrm-Status.  nginx copies
-    WWW-Authenticate from a 401 by itself; on a 403 the snippet adds it from X-Wacrm-Challenge.
-    """
-    status = denial.status if denial.status in (401, 403, 500, 503) else 403
-    headers = {
-        **dict(denial.headers),
-        STATUS_HEADER: str(denial.status),
-        ERROR_HEADER: denial.body.decode(),
-    }
-    if status != 401 and "WWW-Authenticate" in headers:
-        headers[CHALLENGE_HEADER] = headers.pop("WWW-Authenticate")
-    return status, tuple(headers.items())
-
-
-def _json(status: int, body: bytes, headers: Headers) -> web.Response:
-    return web.Response(status=status, body=body, headers=headers, content_type="application/json")

@@ -19,13 +19,16 @@ REALM = 'Bearer realm="wacrm"'
 
 @dataclass(frozen=True, slots=True)
 class Denial:
-    """A refusal: the status, Wacrm's JSON body and the headers that go with it."""
+    """A refusal: its status, Wacrm's JSON body, and what its headers say (`sidecar.answers`)."""
 
     status: int
     body: bytes
-    headers: tuple[tuple[str, str], ...] = ()
     #: Why, for metrics and debug logs; never shown to the client.
-    reason: str = ""
+    reason: str
+    #: The WWW-Authenticate challenge, if the refusal has one.
+    challenge: str | None = None
+    #: Seconds after which the client may try again (Retry-After), if it may.
+    retry_after: int | None = None
 
 
 def _error(code: str, message: str) -> bytes:
@@ -38,64 +41,53 @@ UNAVAILABLE_BODY = _error("internal", "Rate limit service unavailable")
 RATE_LIMITED_BODY = _error("rate_limited", "Rate limit exceeded for this API key")
 
 #: No credential at all: RFC 6750 asks for the challenge without an error code.
-NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, (("WWW-Authenticate", REALM),), "missing")
+NO_CREDENTIAL = Denial(401, UNAUTHORIZED_BODY, "missing", REALM)
 
 
 def invalid_credential(reason: str) -> Denial:
     """Refuse a credential that is malformed, unknown, revoked or expired, all alike."""
-    return Denial(
-        401, UNAUTHORIZED_BODY, (("WWW-Authenticate", f'{REALM}, error="invalid_token"'),), reason
-    )
+    return Denial(401, UNAUTHORIZED_BODY, reason, f'{REALM}, error="invalid_token"')
 
 
 MALFORMED = invalid_credential("malformed")
 UNKNOWN = invalid_credential("unknown")
 EXPIRED = invalid_credential("expired")
-UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, (("Retry-After", "1"),), "unavailable")
-MISCONFIGURED = Denial(500, INTERNAL_BODY, (), "misconfigured")
+UNAVAILABLE = Denial(503, UNAVAILABLE_BODY, "unavailable", retry_after=1)
+MISCONFIGURED = Denial(500, INTERNAL_BODY, "misconfigured")
 SPOOFED = Denial(
-    400,
-    _error("bad_request", "Request carries reserved X-Wacrm-* headers"),
-    (),
-    "spoofed_headers",
+    400, _error("bad_request", "Request carries reserved X-Wacrm-* headers"), "spoofed_headers"
 )
 METHOD_OVERRIDE = Denial(
-    400,
-    _error("bad_request", "Method override headers are not accepted"),
-    (),
-    "method_override",
+    400, _error("bad_request", "Method override headers are not accepted"), "method_override"
 )
 ROUTING_HEADER = Denial(
     400,
     _error("bad_request", "Request carries a routing header spelled with '_'"),
-    (),
     "routing_header",
 )
 TOO_MANY_HEADERS = Denial(
-    431, _error("bad_request", "Too many request headers"), (), "too_many_headers"
+    431, _error("bad_request", "Too many request headers"), "too_many_headers"
 )
 
 
 @lru_cache(maxsize=64)
 def bad_path(why: str) -> Denial:
     """Refuse a request path that is malformed, or that two servers could read two ways."""
-    return Denial(400, _error("bad_request", f"Malformed request path: {why}"), (), "bad_path")
+    return Denial(400, _error("bad_request", f"Malformed request path: {why}"), "bad_path")
 
 
 UNLISTED_ROUTE = Denial(
     403,
     _error("forbidden", "This route is not available to API keys"),
-    (("WWW-Authenticate", f'{REALM}, error="insufficient_scope"'),),
     "unlisted_route",
+    f'{REALM}, error="insufficient_scope"',
 )
 
 
 @lru_cache(maxsize=1024)
 def rate_limited(retry_after: int) -> Denial:
     """Refuse a key over its rate limit; it may try again in *retry_after* seconds."""
-    return Denial(
-        429, RATE_LIMITED_BODY, (("Retry-After", str(max(1, retry_after))),), "rate_limited"
-    )
+    return Denial(429, RATE_LIMITED_BODY, "rate_limited", retry_after=max(1, retry_after))
 
 
 @lru_cache(maxsize=512)
@@ -104,8 +96,8 @@ def missing_scope(scope: str) -> Denial:
     return Denial(
         403,
         _error("forbidden", f"This API key is missing the '{scope}' scope"),
-        (("WWW-Authenticate", f'{REALM}, error="insufficient_scope", scope="{scope}"'),),
         "missing_scope",
+        f'{REALM}, error="insufficient_scope", scope="{scope}"',
     )
 
 
@@ -124,4 +116,4 @@ def authorize(record: KeyRecord, route: Route | None, *, allow_unlisted: bool) -
 
 #: No record, in a Redis that holds no finished load (it restarted empty, say, and the loader
 #: is filling it): the key may be valid and not loaded yet, so this is an outage, not a 401.
-NOT_LOADED = Denial(503, UNAVAILABLE_BODY, (("Retry-After", "1"),), "not_loaded")
+NOT_LOADED = Denial(503, UNAVAILABLE_BODY, "not_loaded", retry_after=1)

@@ -33,11 +33,14 @@ change.  The version is the record's first field, so the scripts read it without
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
 
 DEFAULT_PREFIX = "wacrm:"
+#: The length of a key hash: lowercase hex SHA-256.
+HASH_LENGTH = 64
 #: How long a tombstone outlives the deletion; it must exceed the longest full reconcile.
 TOMBSTONE_TTL_MS = 24 * 3600 * 1000
 
@@ -104,6 +107,27 @@ class Keyspace:
         """Return the Redis key holding the tombstone of *key_hash*."""
         return f"{self.prefix}gone:{{{key_hash}}}"
 
+    @property
+    def record_around(self) -> tuple[str, str]:
+        """Return what stands before and after the hash in the Redis key of a record."""
+        head, _, tail = self.record("\0").partition("\0")
+        return head, tail
+
+    @property
+    def tombstone_around(self) -> tuple[str, str]:
+        """Return what stands before and after the hash in the Redis key of a tombstone."""
+        head, _, tail = self.tombstone("\0").partition("\0")
+        return head, tail
+
+    def record_keys(self, key_hashes: Iterable[str]) -> list[bytes]:
+        """Return the Redis key of each record of *key_hashes*, as bytes (as SCAN returns)."""
+        head, tail = self.record_around
+        return [f"{head}{h}{tail}".encode() for h in key_hashes]
+
+    def hashes_in(self, redis_keys: Iterable[bytes]) -> list[str]:
+        """Return the key hash inside each of the Redis keys *redis_keys* of records."""
+        return [self.hash_of(k) for k in redis_keys]
+
     def rate(self, key_hash: str) -> str:
         """Return the Redis key holding the rate-limit state of *key_hash*."""
         return f"{self.prefix}rl:{{{key_hash}}}"
@@ -133,6 +157,32 @@ class Keyspace:
 def hash_key(plaintext: str) -> str:
     """Return the lowercase hex SHA-256 of the whole *plaintext* key, as Wacrm stores it."""
     return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+#: The fields of a stored record, in the order `encode` writes them: (JSON name, what it holds).
+#: The version comes first and the rate limit second: the scripts read both with a pattern
+#: (see `LUA_PATTERNS`), without a JSON parser.  The SQL that builds records
+#: (``loader.postgres``) and the tests are checked against this list.
+FIELDS = (
+    ("v", "the version: Redis time in ms of the write"),
+    ("l", "the key's own rate limit as [limit, window ms], or null"),
+    ("k", "the key's id"),
+    ("a", "the account's id"),
+    ("n", "the account's name, or null"),
+    ("p", "the key's display prefix"),
+    ("s", "the key's scopes, a list"),
+    ("e", "when the key expires, Unix ms, or null"),
+)
+#: How every stored record starts: the version's number follows, then `body`.
+VERSION_HEAD = b'{"%s":' % FIELDS[0][0].encode()
+
+_V, _L = FIELDS[0][0], FIELDS[1][0]
+#: Lua patterns, defined at the top of every script that reads a record: VERSION_AT captures
+#: its version, LIMIT_AT its own rate limit and window (no capture for a null limit).
+LUA_PATTERNS = (
+    f"local VERSION_AT = '^{{\"{_V}\":(%d+)'\n"
+    f'local LIMIT_AT = \'^{{"{_V}":%d+,"{_L}":%[(%d+),(%d+)%]\'\n'
+)
 
 
 def encode(record: KeyRecord, *, version: int) -> bytes:
@@ -174,6 +224,36 @@ def encode_fields(
     )
 
 
+_VERSION_0 = len(VERSION_HEAD) + 1
+
+#: A record's fields in `KeyRecord`'s order, as `encode_fields` takes them after the version
+#: (a tuple is much cheaper to build than a `KeyRecord`).
+Fields = tuple[str, str, str | None, str, tuple[str, ...], int | None, RateLimit | None]
+
+
+def body(record: KeyRecord) -> bytes:
+    """Return what follows the version in every stored copy of *record*, whatever its version.
+
+    ``encode(record, version=v) == VERSION_HEAD + b"%d" % v + body(record)``.
+    """
+    return encode(record, version=0)[_VERSION_0:]
+
+
+def body_of_fields(fields: Fields) -> bytes:
+    """Return `body` of a `KeyRecord` of these *fields*, without building one (cheaper)."""
+    return encode_fields(0, *fields)[_VERSION_0:]
+
+
+def body_of(stored: bytes) -> bytes:
+    """Return the `body` of the *stored* bytes of a record, without its version."""
+    return stored[stored.find(b",") :]
+
+
+def same_record(stored: bytes, record: KeyRecord) -> bool:
+    """Tell whether *stored* holds *record*, whatever version it was written at."""
+    return body_of(stored) == body(record)
+
+
 def decode(raw: bytes | str) -> KeyRecord:
     """Parse the bytes *raw* of a stored record; raise ValueError when they are not one."""
     try:
@@ -199,13 +279,15 @@ def version_of(raw: bytes | str) -> int:
 
 # KEYS: record, tombstone.  ARGV: payload, version, expires_at_ms ("" = never).
 # Returns 1 when written, 0 when a newer record or tombstone kept it out.
-PUT_SCRIPT = """
+PUT_SCRIPT = (
+    LUA_PATTERNS
+    + """
 local ver = tonumber(ARGV[2])
 local gone = redis.call('GET', KEYS[2])
 if gone and tonumber(gone) > ver then return 0 end
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+  local cv = tonumber(string.match(cur, VERSION_AT))
   if cv and cv > ver then return 0 end
   if cur == ARGV[1] then return 1 end
 end
@@ -216,13 +298,16 @@ else
 end
 return 1
 """
+)
 
 # PUT_SCRIPT for many keys at once: what PUT_SCRIPT does to each, in one atomic step, at a
 # fraction of the cost (one call, one MGET, one MSET).  Every key of one call must live on
 # the same server: fine for one Redis and its replicas, not for a Redis Cluster.
 # KEYS: record and tombstone of each key, in pairs.  ARGV: version, then the payload and
 # expires_at_ms ("" = never) of each key.  Returns {written or already held, kept out}.
-PUT_MANY_SCRIPT = """
+PUT_MANY_SCRIPT = (
+    LUA_PATTERNS
+    + """
 local ver = tonumber(ARGV[1])
 local held = redis.call('MGET', unpack(KEYS))
 local plain = {}
@@ -232,7 +317,7 @@ for i = 1, #KEYS, 2 do
   local payload, exp = ARGV[i + 1], ARGV[i + 2]
   local keep = gone and tonumber(gone) > ver
   if cur and not keep then
-    local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+    local cv = tonumber(string.match(cur, VERSION_AT))
     keep = cv and cv > ver
   end
   if keep then
@@ -252,14 +337,17 @@ end
 if #plain > 0 then redis.call('MSET', unpack(plain)) end
 return {applied, kept}
 """
+)
 
 # KEYS: record, tombstone.  ARGV: version, tombstone ttl ms.
 # Returns 1 when the record is gone (deleted now or absent), 0 when a newer record kept it.
-DELETE_SCRIPT = """
+DELETE_SCRIPT = (
+    LUA_PATTERNS
+    + """
 local ver = tonumber(ARGV[1])
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local cv = tonumber(string.match(cur, '^{"v":(%d+)'))
+  local cv = tonumber(string.match(cur, VERSION_AT))
   if cv and cv > ver then return 0 end
   redis.call('DEL', KEYS[1])
 end
@@ -269,6 +357,7 @@ if (not gone) or tonumber(gone) < ver then
 end
 return 1
 """
+)
 
 
 # The request path's one round trip, for a batch of checks at once: each key's record, and
@@ -281,7 +370,9 @@ return 1
 # for a key without a limit.  GCRA: a key may burst up to its limit,
 # then earns one request every window/limit; over any span of t the admitted count is at
 # most limit * (1 + t/window).  A key's new state is written once, after its last check.
-CHECK_SCRIPT = """
+CHECK_SCRIPT = (
+    LUA_PATTERNS
+    + """
 local floor, ceil, tonumber = math.floor, math.ceil, tonumber
 local vals = redis.call('MGET', unpack(KEYS))
 local now = tonumber(ARGV[3])
@@ -299,7 +390,7 @@ for i = 1, #KEYS - 1, 2 do
     out[n] = none
   else
     local lim, win = dlim, dwin
-    local l, w = string.match(rec, '^{"v":%d+,"l":%[(%d+),(%d+)%]')
+    local l, w = string.match(rec, LIMIT_AT)
     if l then lim, win = tonumber(l), tonumber(w) end
     if lim <= 0 then
       out[n] = {rec, 1, -1, 0, 0, 0}
@@ -331,6 +422,7 @@ for rk, tat in pairs(tats) do
 end
 return out
 """
+)
 
 # KEYS: used.  Returns every (key id, ms) pair and empties the set, atomically.
 DRAIN_USED_SCRIPT = """

@@ -1,13 +1,15 @@
-"""A lean pipelined Redis client for the request path.
+"""The one Redis layer under the sidecar and the loader: RESP encoding and a pipelined connection.
 
-Every command is written to one long-lived connection as soon as the event loop turns over
-(or at once, when asked), so the commands of one tick travel in one write, and replies are
-matched to commands in order (Redis answers a connection's commands in the order it received
-them).  hiredis parses.  A per-command await through a general-purpose client costs several
-times more CPU than the request itself; this costs a few microseconds.
+A `Connection` writes commands as they come and hands each reply to the oldest waiter (Redis
+answers a connection's commands in the order it received them); hiredis parses.  `connect`
+opens one from a Redis URL (redis://, rediss://, unix://, with AUTH and SELECT), the same
+way for both processes.  On top of it:
 
-It fails closed: a connection error, or any reply later than *timeout*, fails every command
-in flight and drops the connection; the next command connects again.
+- the sidecar's `RespClient`: one long-lived connection whose commands of one event-loop
+  tick travel in one write, failing closed (a connection error, or any reply later than its
+  timeout, fails every command in flight and drops the connection; the next connects again);
+- the loader's ``loader.pipe.Pipe``: a bounded stream of many commands, whose replies are
+  tallied rather than awaited one by one.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ from typing import Any, cast
 import hiredis
 from redis.connection import parse_url
 
-log = logging.getLogger(__name__)
+from sidecar.options import redact_url
 
+log = logging.getLogger(__name__)
 
 #: Seconds between a command's deadline and the second look that fails it.
 _SECOND_LOOK = 0.01
 
 
-class RedisUnavailable(Exception):
+class RedisError(Exception):
+    """Redis could not be used: the base of this layer's errors."""
+
+
+class RedisUnavailable(RedisError):
     """Redis could not be reached, or did not answer in time."""
 
 
@@ -37,7 +44,7 @@ class RedisTimeout(RedisUnavailable):
     """Redis did not answer in time."""
 
 
-class ReplyError(Exception):
+class ReplyError(RedisError):
     """Redis answered a command with an error."""
 
 
@@ -68,71 +75,188 @@ def encode_command(args: tuple[Arg, ...]) -> bytes:
     return encode_bulks([bulk(arg) for arg in args])
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self, client: RespClient) -> None:
-        self.client = client
+class Tally:
+    """A waiter for many replies that counts them instead of returning each (see `Connection`)."""
+
+    __slots__ = ()
+
+    def add(self, reply: Any) -> None:
+        """Take one reply (a ``hiredis.ReplyError`` for an error reply)."""
+        raise NotImplementedError
+
+
+#: Who gets a reply: a future (its result, or ReplyError), or a `Tally`.
+Waiter = asyncio.Future[Any] | Tally
+
+
+class Connection(asyncio.Protocol):
+    """One connection to Redis; `connect` opens one.
+
+    `send` queues a command and its waiter.  Commands are written when the event loop turns
+    over, all those of one tick in one write, or at once with *flush*.  When the connection
+    is lost or aborted, every waiting future fails with `RedisUnavailable` (or the error
+    given to `abort`), and so does every later `send`.
+    """
+
+    def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        #: Each command sent and not yet answered: its waiter, and when it was sent.
+        self.pending: collections.deque[tuple[Waiter, float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
-        self.outbox: list[bytes] = []
+        #: Why the connection is unusable, once it is.
+        self.error: RedisUnavailable | None = None
+        #: Set whenever replies arrive, the connection is lost, or writing may resume.
+        self.progress = asyncio.Event()
+        self._outbox: list[bytes] = []
+        self._writable = True
+        self._on_lost: list[Any] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, command: bytes, fut: asyncio.Future[Any], now: float, flush: bool) -> None:
-        if not self.outbox and not flush:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.outbox.append(command)
-        self.pending.append((fut, now))
+    def send(self, command: bytes, waiter: Waiter, *, count: int = 1, flush: bool = False) -> None:
+        """Queue the packed *command* (*count* commands for a `Tally`) for *waiter*."""
+        if self.error is not None:
+            raise RedisUnavailable(str(self.error))
+        loop = asyncio.get_running_loop()
+        if not self._outbox and not flush:
+            loop.call_soon(self.flush)
+        self._outbox.append(command)
+        now = loop.time()
+        if count == 1:
+            self.pending.append((waiter, now))
+        else:
+            self.pending.extend([(waiter, now)] * count)
         if flush:
             self.flush()
 
     def flush(self) -> None:
-        if self.outbox and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outbox))
-        self.outbox.clear()
+        """Write every queued command now."""
+        if self._outbox and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._outbox))
+        self._outbox.clear()
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer has room again (see `pause_writing`)."""
+        while not self._writable and self.error is None:
+            self.progress.clear()
+            await self.progress.wait()
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        self.progress.set()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         pending = self.pending
-        while (reply := self.reader.gets()) is not False:
-            if not pending:
-                self.abort("reply without a request")
-                return
-            fut = pending.popleft()[0]
-            if not fut.done():
-                if isinstance(reply, hiredis.ReplyError):
-                    fut.set_exception(ReplyError(str(reply)))
-                else:
-                    fut.set_result(reply)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                if not pending:
+                    self.abort("reply without a request")
+                    return
+                waiter = pending.popleft()[0]
+                if isinstance(waiter, Tally):
+                    waiter.add(reply)
+                elif not waiter.done():
+                    if isinstance(reply, hiredis.ReplyError):
+                        waiter.set_exception(ReplyError(str(reply)))
+                    else:
+                        waiter.set_result(reply)
+        except hiredis.ProtocolError as e:
+            self.abort(f"protocol error: {e}")
+        self.progress.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(f"connection lost: {exc}" if exc else "connection closed")
-        self.client._lost(self)
+        for callback in self._on_lost:
+            callback(self)
+
+    def on_lost(self, callback: Any) -> None:
+        """Call *callback* with this connection once it is lost."""
+        self._on_lost.append(callback)
 
     def fail(self, why: str, error: type[RedisUnavailable] = RedisUnavailable) -> None:
+        """Fail every command in flight, and every later one, with *error*(*why*)."""
+        if self.error is None:
+            self.error = error(why)
         while self.pending:
-            fut = self.pending.popleft()[0]
-            if not fut.done():
-                fut.set_exception(error(why))
+            waiter = self.pending.popleft()[0]
+            if not isinstance(waiter, Tally) and not waiter.done():
+                waiter.set_exception(error(why))
+        self.progress.set()
 
     def abort(self, why: str, error: type[RedisUnavailable] = RedisUnavailable) -> None:
+        """`fail` with *why*, and drop the connection."""
         self.fail(why, error)
         if self.transport is not None:
             self.transport.abort()
 
+    async def call(self, *args: Arg) -> Any:
+        """Send one command now and return its reply; raise `ReplyError` or `RedisUnavailable`."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.send(encode_command(args), fut, flush=True)
+        return await fut
+
+    def close(self) -> None:
+        """Close the connection; commands in flight fail."""
+        self.fail("connection closed")
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(url: str, *, connect_timeout: float) -> Connection:
+    """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s.
+
+    The URL's password (with its user name, if any) is sent with AUTH, its database with
+    SELECT.  Raise `RedisTimeout`, or `RedisUnavailable` naming the URL without its password.
+    """
+    params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    loop = asyncio.get_running_loop()
+    conn = Connection()
+    where = redact_url(url)
+    try:
+        async with asyncio.timeout(connect_timeout):
+            if "path" in params:
+                await loop.create_unix_connection(lambda: conn, params["path"])
+            else:
+                tls = ssl.create_default_context() if url.startswith("rediss:") else None
+                host, port = params.get("host", "localhost"), params.get("port", 6379)
+                await loop.create_connection(lambda: conn, host, port, ssl=tls)
+            setup: list[asyncio.Future[Any]] = []
+            if params.get("password") is not None:
+                user, secret = params.get("username"), params["password"]
+                setup.append(loop.create_future())
+                auth = ("AUTH", user, secret) if user else ("AUTH", secret)
+                conn.send(encode_command(auth), setup[-1])
+            if params.get("db"):
+                setup.append(loop.create_future())
+                conn.send(encode_command(("SELECT", int(params["db"]))), setup[-1])
+            conn.flush()
+            await asyncio.gather(*setup)
+    except TimeoutError as e:
+        conn.abort("connect timed out")
+        raise RedisTimeout(f"cannot connect to Redis at {where}: timed out") from e
+    except (OSError, RedisError) as e:
+        conn.abort("connect failed")
+        raise RedisUnavailable(
+            f"cannot connect to Redis at {where}: {e or type(e).__name__}"
+        ) from e
+    return conn
+
 
 class RespClient:
-    """Send commands to the Redis at *url* over one pipelined connection."""
+    """Send commands to the Redis at *url* over one pipelined connection, reconnecting."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
         self.url = url
         self.timeout = timeout
-        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        self._proto: _Protocol | None = None
-        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._conn: Connection | None = None
+        self._connecting: asyncio.Future[Connection] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._suspect: asyncio.Future[Any] | None = None
+        self._suspect: Waiter | None = None
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
@@ -140,7 +264,7 @@ class RespClient:
 
     async def execute_encoded(self, command: bytes) -> Any:
         """`execute` the *command* encoded by `encode_command` or `encode_bulks`."""
-        if self._proto is None:
+        if self._conn is None:
             await self._connect()
         fut = self.send_encoded(command)
         if fut is None:
@@ -158,12 +282,12 @@ class RespClient:
 
     def send_encoded(self, command: bytes, *, flush: bool = False) -> asyncio.Future[Any] | None:
         """`send` the *command* encoded by `encode_command` or `encode_bulks`."""
-        proto = self._proto
-        if proto is None:
+        conn = self._conn
+        if conn is None:
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.send(command, fut, loop.time(), flush)
+        conn.send(command, fut, flush=flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
         return fut
@@ -173,10 +297,10 @@ class RespClient:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        proto, self._proto = self._proto, None
-        if proto is not None and proto.transport is not None:
-            proto.fail("client closed")
-            proto.transport.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail("client closed")
+            conn.close()
 
     def _check(self) -> None:
         """Fail everything in flight if the oldest command waited longer than the timeout.
@@ -186,71 +310,41 @@ class RespClient:
         read of the sockets (a short second look) before it counts as unanswered.
         """
         self._watchdog = None
-        proto = self._proto
-        if proto is None or not proto.pending:
+        conn = self._conn
+        if conn is None or not conn.pending:
             return
         loop = asyncio.get_running_loop()
-        oldest_fut, oldest = proto.pending[0]
+        oldest_waiter, oldest = conn.pending[0]
         if loop.time() - oldest < self.timeout:
             self._watchdog = loop.call_at(oldest + self.timeout, self._check)
             return
-        if self._suspect is not oldest_fut:
-            self._suspect = oldest_fut
+        if self._suspect is not oldest_waiter:
+            self._suspect = oldest_waiter
             self._watchdog = loop.call_later(_SECOND_LOOK, self._check)
             return
         # Debug only: the verifier's outage log reports the requests this refuses.
         log.debug("redis did not answer within %.3fs; reconnecting", self.timeout)
-        self._proto = None
-        proto.abort("timed out", RedisTimeout)
+        self._conn = None
+        conn.abort("timed out", RedisTimeout)
 
-    def _lost(self, proto: _Protocol) -> None:
-        if self._proto is proto:
-            self._proto = None
+    def _lost(self, conn: Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
 
-    async def _connect(self) -> _Protocol:
+    async def _connect(self) -> Connection:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
 
-    def _connected(self, fut: asyncio.Future[_Protocol]) -> None:
+    def _connected(self, fut: asyncio.Future[Connection]) -> None:
         self._connecting = None
         if not fut.cancelled() and fut.exception() is None:
-            self._proto = fut.result()
+            self._conn = fut.result()
 
-    async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        p = self._params
-        proto = _Protocol(self)
+    async def _open(self) -> Connection:
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(self.timeout):
-                if "path" in p:
-                    await loop.create_unix_connection(lambda: proto, p["path"])
-                else:
-                    tls = ssl.create_default_context() if self.url.startswith("rediss:") else None
-                    await loop.create_connection(
-                        lambda: proto, p.get("host", "localhost"), p.get("port", 6379), ssl=tls
-                    )
-                setup: list[tuple[Arg, ...]] = []
-                if p.get("password") is not None:
-                    user = p.get("username")
-                    setup.append(("AUTH", user, p["password"]) if user else ("AUTH", p["password"]))
-                if p.get("db"):
-                    setup.append(("SELECT", int(p["db"])))
-                futs = []
-                for args in setup:
-                    fut: asyncio.Future[Any] = loop.create_future()
-                    proto.send(encode_command(args), fut, loop.time(), False)
-                    futs.append(fut)
-                await asyncio.gather(*futs)
-        except TimeoutError as e:
-            if proto.transport is not None:
-                proto.transport.abort()
-            raise RedisTimeout("cannot connect: timed out") from e
-        except (OSError, ReplyError, RedisUnavailable) as e:
-            if proto.transport is not None:
-                proto.transport.abort()
-            raise RedisUnavailable(f"cannot connect: {e or type(e).__name__}") from e
+        conn = await connect(self.url, connect_timeout=self.timeout)
+        conn.on_lost(self._lost)
         log.debug("connected to redis in %.1f ms", (time.monotonic() - started) * 1000)
-        return proto
+        return conn

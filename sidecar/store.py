@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, NamedTuple
 
 from sidecar.records import CHECK_SCRIPT, UNLIMITED, Keyspace, RateLimit
@@ -78,10 +78,6 @@ class KeyStore:
         limit = rate_limit or UNLIMITED
         self._limit_args = (bulk(limit.limit), bulk(limit.window_ms))
         self._loaded_arg = bulk(keyspace.loaded)
-        # A key's two Redis keys, encoded for the script call.  Encoding them costs several
-        # times what this cache does, and most requests come with a key seen moments ago.
-        # Unknown keys pass through it too, so it stays small: about 2 MB when full.
-        self._key_args = lru_cache(maxsize=4096)(self._encode_keys)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
         # The task connecting to Redis, if one is: held so that it is not garbage-collected.
@@ -102,18 +98,14 @@ class KeyStore:
             loop.call_soon(self._send)
         return fut
 
-    def _encode_keys(self, key_hash: str) -> tuple[bytes, bytes]:
-        ks = self.keyspace
-        return bulk(ks.record(key_hash)), bulk(ks.rate(key_hash))
-
     def _send(self) -> None:
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         if not batch:
             self._busy = False
             return
         try:
-            key_args = self._key_args
-            keys = [arg for key_hash, _ in batch for arg in key_args(key_hash)]
+            ks = self.keyspace
+            keys = [bulk(k) for h, _ in batch for k in (ks.record(h), ks.rate(h))]
             keys.append(self._loaded_arg)
             args = [bulk(len(keys)), *keys, *self._limit_args]  # the script's, encoded
             command = encode_bulks([*_CALL_BY_SHA, *args])
@@ -122,6 +114,9 @@ class KeyStore:
                 reply = self._connecting = asyncio.ensure_future(
                     self.client.execute_encoded(command)
                 )
+        except RedisUnavailable as e:  # the connection broke this instant
+            self._fail(batch, StoreUnavailable("connection", str(e)))
+            return
         except Exception as e:  # refuse the batch rather than leave it waiting forever
             self._fail(batch, StoreUnavailable("reply", f"cannot send: {e!r}"))
             return

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from aiohttp.hdrs import AUTHORIZATION
-from multidict import CIMultiDictProxy, istr
+from multidict import CIMultiDictProxy
 
 from sidecar import decision
 from sidecar.apikeys import key_from_authorization
@@ -21,34 +21,19 @@ from sidecar.store import NOT_LOADED, Found, KeyStore, Lookup, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-#: Response headers as (name, value) pairs: cheaper to build and to hand to aiohttp than dicts.
-Headers = tuple[tuple[str, str], ...]
-
-LIMIT_HEADER = istr("X-RateLimit-Limit")
-REMAINING_HEADER = istr("X-RateLimit-Remaining")
-RESET_HEADER = istr("X-RateLimit-Reset")
-
 #: Past this many keys, the memory of when each was last noted is forgotten and starts anew.
 _MAX_TOUCHED = 100_000
 
 
 class Verdict(NamedTuple):
-    """What the gate decided: a refusal, or the key's record; and its rate-limit standing."""
+    """What the gate decided: a refusal, or the key's record; and its rate-limit standing.
+
+    `sidecar.answers` turns it into HTTP.
+    """
 
     denial: Denial | None
     record: KeyRecord | None = None
     lookup: Lookup | None = None
-
-    def rate_headers(self) -> Headers:
-        """Return the X-RateLimit-* headers of a counted request (none for an unlimited key)."""
-        lk = self.lookup
-        if lk is None or lk.remaining < 0:
-            return ()
-        return (
-            (LIMIT_HEADER, str(lk.limit)),
-            (REMAINING_HEADER, str(lk.remaining)),
-            (RESET_HEADER, str(lk.reset)),
-        )
 
 
 class Verifier:
@@ -90,13 +75,13 @@ class Verifier:
             else:
                 if self.outage.active:
                     self.outage.answered()
-                verdict = self._judge(lookup, method, path)
+                verdict = self._decide(lookup, method, path)
         d = verdict.denial
         status, reason = (200, "ok") if d is None else (d.status, d.reason)
         self.metrics.decided(status, reason, time.perf_counter() - started)
         return verdict
 
-    def _judge(self, lookup: Found, method: str, path: str) -> Verdict:
+    def _decide(self, lookup: Found, method: str, path: str) -> Verdict:
         """Decide from what Redis holds for the key: record, expiry, rate limit, scope."""
         if lookup is None:
             return Verdict(decision.UNKNOWN)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from loader.pipe import Batch, Pipe, PipeError
-from sidecar.resp import encode_command
+from loader.pipe import Batch, Pipe
+from sidecar.resp import RedisError, encode_command
 from tests.conftest import RedisServer
 
 
@@ -15,7 +15,7 @@ async def test_calls_answer_in_order(redis: Redis, redis_server: RedisServer) ->
     try:
         assert await pipe.call("SET", "a", "1") == b"OK"
         assert await pipe.call("GET", "a") == b"1"
-        with pytest.raises(PipeError, match=r"WRONGTYPE|ERR"):
+        with pytest.raises(RedisError, match=r"WRONGTYPE|ERR"):
             await pipe.call("LPUSH", "a", "x")
         assert await pipe.call("PING") == b"PONG"
     finally:
@@ -47,7 +47,7 @@ async def test_a_batch_tallies_every_reply(redis: Redis, redis_server: RedisServ
 
 
 async def test_a_dead_server_fails_fast(redis_server: RedisServer) -> None:
-    with pytest.raises(PipeError, match="cannot connect"):
+    with pytest.raises(RedisError, match="cannot connect"):
         await Pipe.open("redis://127.0.0.1:1/0", connect_timeout=1)
 
 
@@ -56,7 +56,7 @@ async def test_a_server_going_away_fails_waiting_calls(redis_server: RedisServer
     pipe = await Pipe.open(redis_server.url, connect_timeout=2)
     try:
         redis_server.stop()
-        with pytest.raises(PipeError):
+        with pytest.raises(RedisError):
             for _ in range(3):  # the first write may still reach the socket buffer
                 await pipe.call("PING")
     finally:

@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from loader.limits import Limits
-from loader.mirror import unversioned
 from loader.postgres import PostgresSource, parse_payload
 from loader.rows import MAX_ACCOUNT_NAME, KeyRow, KeyRules, clean_text, judge
 from loader.source import Changes, NewKey, NotFound, SourceUnavailable
+from sidecar import records
 from sidecar.records import UNLIMITED, RateLimit
 from tests.loader.conftest import KNOWN, pg_account, pg_key
 
@@ -209,9 +209,9 @@ async def test_bodies_are_encode_s_bytes_or_bytes_the_loader_never_writes(
         if record is None or (body := bodies[row.key_hash]) is None:
             continue  # nothing to hold, or left to judge()
         if judge_would_change(body):
-            assert body != unversioned(record)
+            assert body != records.body(record)
         else:
-            assert body == unversioned(record), row
+            assert body == records.body(record), row
             exact.add(row.account_name)
     # Quotes, backslashes, non-ASCII, emoji and an empty name all come out exact.
     assert exact == {n for n in TRICKY_NAMES if clean_text(n)[:MAX_ACCOUNT_NAME] == n}
@@ -221,7 +221,7 @@ async def test_bodies_are_encode_s_bytes_or_bytes_the_loader_never_writes(
 def judge_would_change(body: bytes | None) -> bool:
     """Tell whether a record with *body* is one judge() never produces (it would clean it)."""
     assert body is not None
-    d = orjson.loads(b'{"v":0' + body)
+    d = orjson.loads(records.VERSION_HEAD + b"0" + body)
     name, prefix, scopes = d["n"], d["p"], d["s"]
     return (
         (name is not None and clean_text(name)[:MAX_ACCOUNT_NAME] != name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -40,6 +41,62 @@ def test_encoding_is_pinned_and_round_trips() -> None:
     raw = records.encode(limited, version=1)
     assert raw.startswith(b'{"v":1,"l":[10,1000],"k":"key-1"')
     assert records.decode(raw) == limited
+
+
+def test_same_record_ignores_the_version() -> None:
+    assert records.same_record(records.encode(RECORD, version=1), RECORD)
+    assert records.same_record(records.encode(RECORD, version=1234567890123), RECORD)
+    other = replace(RECORD, key_id="k1")
+    assert not records.same_record(records.encode(other, version=1), RECORD)
+
+
+#: Records whose encodings try the scripts' patterns: text that looks like a field, limits.
+TRICKY = [
+    RECORD,
+    replace(RECORD, rate_limit=RateLimit(10, 1000), expires_at_ms=1_700_000_000_000),
+    replace(RECORD, account_name='x","v":9,"l":[1,1]', key_prefix='{"v":1,"l":[2,2]}'),
+    replace(RECORD, account_name=None, scopes=(), rate_limit=RateLimit(1, 3_600_000)),
+    replace(RECORD, account_name="Ünïcødé 名前 \u2028", rate_limit=records.UNLIMITED),
+]
+
+
+@pytest.mark.parametrize("record", TRICKY)
+def test_the_encoding_follows_the_field_list(record: KeyRecord) -> None:
+    """FIELDS is the contract: the order encode writes, what body and VERSION_HEAD assume."""
+    for version in (0, 7, 1_700_000_000_123):
+        raw = records.encode(record, version=version)
+        assert list(orjson.loads(raw)) == [name for name, _ in records.FIELDS]
+        assert raw == records.VERSION_HEAD + b"%d" % version + records.body(record)
+        assert records.body_of(raw) == records.body(record)
+        assert records.decode(raw) == record and records.version_of(raw) == version
+
+
+async def test_the_scripts_patterns_read_what_encode_writes(redis: Redis) -> None:
+    """The Lua side of the contract, run by real Redis on every kind of record."""
+    script = records.LUA_PATTERNS + (
+        "local v = string.match(ARGV[1], VERSION_AT)\n"
+        "local l, w = string.match(ARGV[1], LIMIT_AT)\n"
+        "return {v or false, l or false, w or false}"
+    )
+    for record in TRICKY:
+        for version in (0, 1_700_000_000_123):
+            raw = records.encode(record, version=version)
+            got = await redis.eval(script, 0, raw)
+            limit = record.rate_limit
+            want = [str(version).encode(), None, None]
+            if limit is not None:
+                want[1:] = [str(limit.limit).encode(), str(limit.window_ms).encode()]
+            assert got == want, raw
+
+
+def test_keyspace_parts_frame_the_hash() -> None:
+    ks = Keyspace("wäcrm{x}:")
+    head, tail = ks.record_around
+    assert head + HASH + tail == ks.record(HASH)
+    head, tail = ks.tombstone_around
+    assert head + HASH + tail == ks.tombstone(HASH)
+    assert ks.record_keys([HASH]) == [ks.record(HASH).encode()]
+    assert ks.hashes_in(ks.record_keys([HASH, "cd" * 32])) == [HASH, "cd" * 32]
 
 
 @pytest.mark.parametrize(
