@@ -35,12 +35,15 @@ RUN chmod 0755 /opt/wacrm/bin/wacrm-healthcheck
 
 FROM ${BASE}
 COPY --from=build /opt/wacrm /opt/wacrm
-# uid and gid 10001; /data belongs to it, for the loader's SQLite file on standalone installs.
+# uid and gid 10001; /data belongs to it, for the loader's SQLite file on standalone installs,
+# and /run/wacrm, for the sidecar's socket (WACRM_LISTEN=unix:/run/wacrm/sidecar.sock) on a
+# volume shared with nginx's container: a named volume mounted there takes this ownership.
 RUN groupadd --gid 10001 gate \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin --no-log-init gate \
     && mkdir -m 0750 /data \
-    && chown 10001:10001 /data
+    && mkdir -p -m 0755 /run/wacrm \
+    && chown 10001:10001 /data /run/wacrm
 ENV PATH=/opt/wacrm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     VIRTUAL_ENV=/opt/wacrm \
     LANG=C.UTF-8 \

@@ -1,21 +1,32 @@
 """Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
 
-Run ``.venv/bin/python bench/gate.py --help``.  Eight cases, each through nginx with one worker:
+Run ``.venv/bin/python bench/gate.py --help``.  Eleven cases, each through nginx with one
+worker; wrk always reaches nginx over TCP, and nginx reaches the auth app over TCP (127.0.0.1)
+or, where a case says "Unix socket", over a Unix socket (``server unix:...``):
 
 ceiling        nginx proxies to the upstream, no auth at all
 floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py):
                the yardstick, in a `web.Application` as aiohttp apps usually are
 floor, low     the same handler on aiohttp's low-level server, as the sidecar is served: the
-               least any aiohttp auth service costs
+               least any aiohttp auth service costs; over TCP, and over a Unix socket
 floor + GET    the same handler awaiting one Redis GET through the sidecar's Redis client
                first: what one round trip to Redis costs by itself, with no checks at all
-gate, valid    the real sidecar, a real key in Redis, identity injected upstream
+gate, valid    the real sidecar, a real key in Redis, identity injected upstream; over TCP,
+               and over a Unix socket (WACRM_LISTEN) with Redis over its Unix socket too
 gate, 1,000    the same with 1,000 valid keys in turn, so each check in a batch is another key
 gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
 gate, garbage  Authorization values that fail the format check
+OpenResty      the reference: no sidecar, the key checked in nginx by Lua (bench/lua/check.lua:
+               SHA-256, one GET over a pooled cosocket to Redis's Unix socket); it checks no
+               scope, rate limit or expiry.  Needs nginx's Lua module: missing Debian packages
+               are installed (``--lua install``, as root), or the row is skipped with the reason
+
+Below the table, the two targets of the Unix socket: the gate over Unix against the low-level
+floor over TCP (1.0x), and against the low-level floor over Unix (0.8x).
 
 Each ``--tree PATH`` adds a case: the valid key through the sidecar of another checkout (a git
-worktree of an older commit, say), with its own nginx, so two versions meet in one run.
+worktree of an older commit, say), with its own nginx, so two versions meet in one run; and,
+if that sidecar has WACRM_LISTEN, the same over a Unix socket.
 
 The cases alternate in rounds (the order rotated each round) so drift hits them alike; the
 table shows each case's median round.  ``--soak S`` instead runs the valid-key case under load
@@ -30,6 +41,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +66,9 @@ KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 UNKNOWN_POOL = 10_000
 VALID_POOL = 1_000
 SAMPLE_EVERY = 10.0
+UNIX_GATE = "gate, valid key, Unix socket"
+UNIX_LOW_FLOOR = "floor, low-level server, Unix socket"
+OPENRESTY = "OpenResty/Lua in nginx, valid key (reference)"
 GARBAGE = (
     "Bearer not-a-wacrm-key",
     "Basic dXNlcjpwYXNzd29yZA==",
@@ -76,6 +91,9 @@ class Case:
     script: Path | None = None
     runs: list[wrk.Result] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+
+    #: Whether nginx reaches the auth app over a Unix socket.
+    unix: bool = False
 
     @property
     def url(self) -> str:
@@ -102,6 +120,8 @@ class Bench:
         self.notes: list[str] = []
         self.started: list[procs.Process] = []
         self.cases = 0
+        self.trees = 0
+        self.sockets = workdir
 
     def run(self) -> int:
         try:
@@ -113,17 +133,24 @@ class Bench:
         finally:
             for p in reversed(self.started):
                 p.stop()
+            if self.sockets != self.workdir:
+                shutil.rmtree(self.sockets, ignore_errors=True)
         return 0
 
     def _start(self) -> list[Case]:
         a = self.args
-        socket = self.workdir / "redis.sock" if a.redis_socket else None
-        redis = procs.redis_server(self.workdir, unix_socket=socket)
+        # nginx started as root runs its workers as nobody: they must reach the sockets.
+        self.workdir.chmod(0o711)
+        self.sockets = procs.socket_folder(self.workdir)
+        redis_socket = self.sockets / "redis.sock"
+        # Open to nginx's workers too, for the OpenResty row; in a folder only we can list.
+        redis = procs.redis_server(self.workdir, unix_socket=redis_socket, unix_socket_mode=0o777)
         self._spawn(redis)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
         key, *many = put_keys(redis_url, 1 + VALID_POOL)
-        if socket is not None:  # the sidecar and "floor + GET" talk to Redis through it
-            redis_url = f"unix://{socket}?db=0"
+        unix_redis_url = f"unix://{redis_socket}?db=0"
+        if a.redis_socket:  # the TCP sidecar and "floor + GET" talk to Redis through it too
+            redis_url = unix_redis_url
 
         sidecar_help = _sidecar_help()
         workers = a.workers
@@ -145,9 +172,18 @@ class Bench:
         sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=sidecar_env)
         self._spawn(sidecar)
         self.sidecar = sidecar
+        # The same sidecar on a Unix socket, reaching Redis through its Unix socket.
+        unix_sidecar = procs.sidecar(
+            self.workdir,
+            redis_url=unix_redis_url,
+            extra_env=sidecar_env,
+            unix_socket=self.sockets / "sidecar.sock",
+        )
+        self._spawn(unix_sidecar)
 
         floors = self._floors(workers, env)
         low_floors = self._floors(workers, env, low_level=True)
+        low_unix_floor = self._unix_floor(workers, env)
         get_floors = self._floors(workers, env, redis_url=redis_url)
 
         gate_ports = stack.NginxPorts(
@@ -156,11 +192,19 @@ class Bench:
         floor_ports = stack.NginxPorts(procs.free_port(), floors[0].port, procs.free_port())
         low_ports = stack.NginxPorts(procs.free_port(), low_floors[0].port, procs.free_port())
         get_ports = stack.NginxPorts(procs.free_port(), get_floors[0].port, procs.free_port())
+        unix_ports = stack.NginxPorts(
+            procs.free_port(), 0, procs.free_port(), auth_socket=unix_sidecar.unix_socket
+        )
+        low_unix_ports = stack.NginxPorts(
+            procs.free_port(), 0, procs.free_port(), auth_socket=low_unix_floor.unix_socket
+        )
         gate_nginx = stack.nginx(self.workdir / "nginx-gate", gate_ports)
         floor_nginx = stack.nginx(self.workdir / "nginx-floor", floor_ports)
         low_nginx = stack.nginx(self.workdir / "nginx-floor-low", low_ports)
         get_nginx = stack.nginx(self.workdir / "nginx-floor-get", get_ports)
-        for n in (gate_nginx, floor_nginx, low_nginx, get_nginx):
+        unix_nginx = stack.nginx(self.workdir / "nginx-gate-unix", unix_ports)
+        low_unix_nginx = stack.nginx(self.workdir / "nginx-floor-low-unix", low_unix_ports)
+        for n in (gate_nginx, floor_nginx, low_nginx, get_nginx, unix_nginx, low_unix_nginx):
             self._spawn(n)
         if workers > 1:
             time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
@@ -184,10 +228,14 @@ class Bench:
                  floor_nginx_pids),
             Case("floor, low-level server", low_ports.listen, 200, [bearer], low_pids,
                  low_nginx_pids),
+            Case(UNIX_LOW_FLOOR, low_unix_ports.listen, 200, [bearer], [_pid(low_unix_floor)],
+                 [_pid(low_unix_nginx)], unix=True),
             Case("floor + one Redis GET", get_ports.listen, 200, [bearer], get_pids,
                  get_nginx_pids),
             Case("gate, valid key", gate_ports.listen, 200, [bearer], sidecar_pids,
                  gate_nginx_pids),
+            Case(UNIX_GATE, unix_ports.listen, 200, [bearer], [_pid(unix_sidecar)],
+                 [_pid(unix_nginx)], unix=True),
             Case(f"gate, {VALID_POOL:,} valid keys", gate_ports.listen, 200, valid_many,
                  sidecar_pids, gate_nginx_pids),
             Case("gate, unknown keys", gate_ports.listen, 401, unknown, sidecar_pids,
@@ -195,7 +243,11 @@ class Bench:
             Case("gate, garbage", gate_ports.listen, 401, GARBAGE, sidecar_pids,
                  gate_nginx_pids),
         ]  # fmt: skip
-        cases += [self._other_tree(tree, redis_url, sidecar_env, bearer) for tree in a.tree]
+        lua = self._openresty(redis_socket, bearer)
+        if lua is not None:
+            cases.append(lua)
+        for tree in a.tree:
+            cases += self._other_tree(tree, redis_url, unix_redis_url, sidecar_env, bearer)
         for i, case in enumerate(cases):
             case.script = wrk.write_script(
                 self.workdir,
@@ -208,16 +260,87 @@ class Bench:
         self.cases = len(cases)
         return cases
 
-    def _other_tree(self, tree: Path, redis_url: str, env: dict[str, str], bearer: str) -> Case:
-        """Start the sidecar of the checkout *tree*, behind an nginx of its own."""
+    def _other_tree(
+        self, tree: Path, redis_url: str, unix_redis_url: str, env: dict[str, str], bearer: str
+    ) -> list[Case]:
+        """Start the sidecar of the checkout *tree*, behind an nginx of its own; and, if it
+        has WACRM_LISTEN, another on a Unix socket (older trees serve TCP only)."""
         sidecar = procs.sidecar(self.workdir, redis_url=redis_url, extra_env=env, tree=tree)
         self._spawn(sidecar)
         ports = stack.NginxPorts(procs.free_port(), sidecar.port, procs.free_port())
         nginx = stack.nginx(self.workdir / f"nginx-{sidecar.port}", ports)
         self._spawn(nginx)
-        return Case(
-            f"gate, valid key, {tree}", ports.listen, 200, [bearer], [_pid(sidecar)], [_pid(nginx)]
+        cases = [
+            Case(
+                f"gate, valid key, {tree}",
+                ports.listen,
+                200,
+                [bearer],
+                [_pid(sidecar)],
+                [_pid(nginx)],
+            )
+        ]
+        if "WACRM_LISTEN" not in _sidecar_help(tree):
+            return cases
+        self.trees += 1
+        unix = procs.sidecar(
+            self.workdir,
+            redis_url=unix_redis_url,
+            extra_env=env,
+            tree=tree,
+            unix_socket=self.sockets / f"sidecar-tree{self.trees}.sock",
         )
+        self._spawn(unix)
+        ports = stack.NginxPorts(
+            procs.free_port(), 0, procs.free_port(), auth_socket=unix.unix_socket
+        )
+        nginx = stack.nginx(self.workdir / f"nginx-tree{self.trees}-unix", ports)
+        self._spawn(nginx)
+        cases.append(
+            Case(
+                f"{UNIX_GATE}, {tree}",
+                ports.listen,
+                200,
+                [bearer],
+                [_pid(unix)],
+                [_pid(nginx)],
+                unix=True,
+            )
+        )
+        return cases
+
+    def _openresty(self, redis_socket: Path, bearer: str) -> Case | None:
+        """Start the OpenResty reference: nginx checking the key in Lua; None if it cannot."""
+        if self.args.lua == "off":
+            return None
+        reason = stack.lua_unavailable(install=self.args.lua == "install")
+        if reason is not None:
+            self.notes.append(f"**Note:** the {OPENRESTY} row was skipped: {reason}.")
+            print(f"bench: skipping the {OPENRESTY} row: {reason}", file=sys.stderr)
+            return None
+        nginx = stack.lua_nginx(
+            self.workdir / "nginx-openresty",
+            listen=procs.free_port(),
+            upstream=procs.free_port(),
+            redis_socket=redis_socket,
+            prefix=records.DEFAULT_PREFIX,
+        )
+        self._spawn(nginx)
+        return Case(OPENRESTY, nginx.port, 200, [bearer], [], [_pid(nginx)])
+
+    def _unix_floor(self, workers: int, env: dict[str, str]) -> procs.Process:
+        """Start the low-level floor on a Unix socket, its *workers* accepting on it."""
+        path = self.sockets / "floor-low.sock"
+        argv = [sys.executable, "-m", "bench.floor", "--low-level", "--unix", str(path)]
+        floor = procs.Process(
+            [*argv, "--workers", str(workers)],
+            port=0,
+            log=self.workdir / "floor-low-unix.log",
+            env={**os.environ, **env},
+            unix_socket=path,
+        )
+        self._spawn(floor)
+        return floor
 
     def _floors(
         self,
@@ -262,6 +385,8 @@ class Bench:
         print(self._header())
         print()
         print(_table(cases, floor=cases[1]))
+        print()
+        print(_targets(cases))
         print()
         print(
             f"Sidecar RSS ({len(stack.tree(_pid(self.sidecar)))} process(es)):"
@@ -368,7 +493,8 @@ class Bench:
                 f" connections), {_version(['redis-server', '--version'])},"
                 f" Python {platform.python_version()};"
                 f" GET {stack.PATH}; {mode}; Redis over"
-                f" {'a Unix socket' if a.redis_socket else 'TCP (127.0.0.1)'}.",
+                f" {'its Unix socket' if a.redis_socket else 'TCP (127.0.0.1)'}, but over its"
+                " Unix socket for the cases on a Unix socket and the OpenResty row.",
                 f"Sidecar: {_git_state()}, workers {self.workers}, WACRM_RATE_LIMIT"
                 f" {self.rate_limit or '(not set)'}.",
                 "Upstream: a `return 200` server inside the same nginx (echoes the injected"
@@ -414,6 +540,31 @@ def _table(cases: list[Case], *, floor: Case | None) -> str:
 
 
 _CPU_GROUPS = ("auth", "nginx", "redis", "wrk")
+
+#: The Unix socket's targets: (case, against, at least).
+TARGETS = (
+    ("gate, valid key, Unix socket", "floor, low-level server", 1.0),
+    ("gate, valid key, Unix socket", "floor, low-level server, Unix socket", 0.8),
+)
+
+
+def _targets(cases: list[Case]) -> str:
+    """Say how the gate over its Unix socket stands against the low-level floor, both ways."""
+    by_name = {c.name: c for c in cases}
+    lines = []
+    for name, against, target in TARGETS:
+        case, base = by_name.get(name), by_name.get(against)
+        if case is None or base is None or not case.runs or not base.runs:
+            continue
+        rate = case.median().rate / base.median().rate
+        own, theirs = _cpu_per_request(case), _cpu_per_request(base)
+        by_cpu = f"{theirs / own:.2f}x" if own and theirs else "-"
+        verdict = "met" if rate >= target else "NOT met"
+        lines.append(
+            f"- {name} against {against}: {rate:.2f}x ({by_cpu} by CPU);"
+            f" target at least {target:.1f}x: {verdict}"
+        )
+    return "Targets of the Unix socket:\n" + "\n".join(lines)
 
 
 def _cpu_per_request(case: Case) -> float:
@@ -480,14 +631,15 @@ def _preflight(case: Case, *, account_id: str | None) -> None:
         raise SystemExit(f"{case.name}: the upstream did not get the account id: {body!r}")
 
 
-def _sidecar_help() -> str:
-    """Return what ``python -m sidecar --help`` says: which settings this sidecar has."""
+def _sidecar_help(tree: Path | None = None) -> str:
+    """Return what ``python -m sidecar --help`` says: which settings this sidecar (or the one
+    of the checkout *tree*) has."""
+    argv, env = [sys.executable, "-m", "sidecar", "--help"], dict(os.environ)
+    if tree is not None:  # as procs.sidecar runs it
+        argv.insert(1, "-P")
+        env["PYTHONPATH"] = str(tree.resolve())
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=procs.ROOT,
-        check=False,
+        argv, capture_output=True, text=True, cwd=procs.ROOT, env=env, check=False
     ).stdout
 
 
@@ -560,6 +712,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--redis-socket",
         action="store_true",
         help="connect the sidecar (and the floor's GET) to Redis over a Unix socket, not TCP",
+    )
+    p.add_argument(
+        "--lua",
+        choices=("install", "installed", "off"),
+        default="install",
+        help="the OpenResty reference row: install nginx's Lua module and libraries from"
+        " Debian when missing (as root; default), run it only if installed, or leave it out",
     )
     p.add_argument(
         "--tree",

@@ -55,51 +55,90 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pg", default=os.environ.get("WACRM_TEST_PG", DEFAULT_PG))
     parser.add_argument("--reuse", action="store_true", help="keep the table of an earlier run")
     parser.add_argument("--keep", action="store_true", help="leave the database in place")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        type=Path,
+        default=[],
+        help="also run the loader of this checkout (a git worktree of another commit), each"
+        " step right after this one's, into a Redis of its own",
+    )
     args = parser.parse_args(argv)
     if args.reuse:
         dsn = pg.with_database(args.pg, DATABASE)
         asyncio.run(_restore(dsn))
     else:
         dsn = asyncio.run(_fill(args.pg, args.keys, args.accounts))
+    trees = [ROOT, *(t.resolve() for t in args.tree)]
+    steps = ("full sync into empty Redis:", "reconcile, nothing changed:", "reconcile, 1% changed:")
+    runs: dict[Path, list[Run]] = {tree: [] for tree in trees}
+    memory: dict[Path, tuple[float, int, int]] = {}
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
-        redis_proc = procs.redis_server(Path(tmp))
-        redis_proc.start()
+        servers = []
+        for i in range(len(trees)):
+            (Path(tmp) / str(i)).mkdir()
+            servers.append(procs.redis_server(Path(tmp) / str(i)))
+            servers[-1].start()
         try:
-            url = f"redis://127.0.0.1:{redis_proc.port}/0"
-            client = Redis.from_url(url)
-            before = int(client.info("memory")["used_memory"])
-            full = _loader(dsn, url)
-            after = int(client.info("memory")["used_memory"])
-            records = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
-            same = _loader(dsn, url)
-            asyncio.run(_churn(dsn, args.keys // 100))
-            churn = _loader(dsn, url)
-            records_after = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
-            client.close()
+            urls = {t: f"redis://127.0.0.1:{s.port}/0" for t, s in zip(trees, servers, strict=True)}
+            clients = {tree: Redis.from_url(url) for tree, url in urls.items()}
+            before = {tree: int(c.info("memory")["used_memory"]) for tree, c in clients.items()}
+            for step in range(len(steps)):
+                if step == 2:
+                    asyncio.run(_churn(dsn, args.keys // 100))
+                for tree in trees:
+                    runs[tree].append(_loader(dsn, urls[tree], tree))
+                    if step == 0:
+                        client = clients[tree]
+                        after = int(client.info("memory")["used_memory"])
+                        count = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
+                        memory[tree] = ((after - before[tree]) / max(count, 1), count, 0)
+            for tree, client in clients.items():
+                count = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
+                memory[tree] = (memory[tree][0], memory[tree][1], count)
+                client.close()
         finally:
-            redis_proc.stop()
+            for server in servers:
+                server.stop()
     if not args.keep:
         asyncio.run(pg.drop(args.pg, DATABASE))
-    per_key = (after - before) / max(records, 1)
     print(f"keys in PostgreSQL:              {args.keys:,} ({args.accounts} accounts)")
-    print(f"records in Redis after sync:     {records:,} (after churn: {records_after:,})")
-    for label, run, target in (
-        ("full sync into empty Redis:", full, " (target <= 15 s)"),
-        ("reconcile, nothing changed:", same, " (target <= 10 s)"),
-        ("reconcile, 1% changed:", churn, ""),
-    ):
-        print(f"{label:32} {run.seconds:6.2f} s{target}; loader CPU {run.cpu:.1f} s")
     print(f"machine load average (1 min):    {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    peak = max(full.peak_rss_mb, same.peak_rss_mb, churn.peak_rss_mb)
-    print(f"loader peak RSS:                 {peak:.0f} MB (target <= 400 MB)")
-    print(
-        f"Redis memory per key:            {per_key:.0f} bytes ({(after - before) / 2**20:.0f} MB)"
-    )
-    ok = all(r.status == 0 for r in (full, same, churn))
+    for tree in trees:
+        per_key, records, records_after = memory[tree]
+        print(f"\n{_name(tree)}")
+        print(f"records in Redis after sync:     {records:,} (after churn: {records_after:,})")
+        for label, run, target in zip(
+            steps, runs[tree], (" (target <= 15 s)", " (target <= 10 s)", ""), strict=True
+        ):
+            print(f"{label:32} {run.seconds:6.2f} s{target}; loader CPU {run.cpu:.1f} s")
+        peak = max(r.peak_rss_mb for r in runs[tree])
+        print(f"loader peak RSS:                 {peak:.0f} MB (target <= 400 MB)")
+        print(f"Redis memory per key:            {per_key:.0f} bytes")
+    if len(trees) > 1:
+        print("\nthis tree against each other, seconds (ratio < 1: this tree is faster)")
+        for tree in trees[1:]:
+            ratios = "  ".join(
+                f"{a.seconds / b.seconds:.2f}x" for a, b in zip(runs[ROOT], runs[tree], strict=True)
+            )
+            print(f"  against {_name(tree)}: full, nothing changed, 1% changed: {ratios}")
+    ok = all(r.status == 0 for tree_runs in runs.values() for r in tree_runs)
     return 0 if ok else 1
 
 
-def _loader(dsn: str, redis_url: str) -> Run:
+def _name(tree: Path) -> str:
+    """Name the checkout at *tree* by its commit."""
+    commit = _git(tree, "rev-parse", "--short", "HEAD")
+    dirty = _git(tree, "status", "--porcelain", "--untracked-files=no")
+    return f"{tree} at {commit or '?'}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def _git(tree: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def _loader(dsn: str, redis_url: str, tree: Path = ROOT) -> Run:
     env = {
         **os.environ,
         "WACRM_SOURCE": dsn,
@@ -107,7 +146,7 @@ def _loader(dsn: str, redis_url: str) -> Run:
         "WACRM_LOG_LEVEL": "info",
     }
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "loader", "sync"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "loader", "sync"], env=env, cwd=tree)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(status)

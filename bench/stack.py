@@ -1,13 +1,19 @@
-"""The servers a benchmark runs against: nginx configs rendered from the shipped files, and
-what ``/proc`` says about a process tree (RSS, CPU time)."""
+"""The servers a benchmark runs against: nginx configs rendered from the shipped files, the
+OpenResty reference (nginx with its Lua module), and what ``/proc`` says about a process
+tree (RSS, CPU time)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from demo import procs
+from sidecar import records
 
 #: The route every case requests; the key the gate checks must carry its scope.
 PATH = "/api/v1/contacts"
@@ -21,10 +27,13 @@ class NginxPorts:
     """Where one nginx listens: the shipped server, its auth app, its upstream stand-in."""
 
     listen: int
+    #: The auth app's TCP port; 0 when it listens on `auth_socket`.
     auth: int
     upstream: int
     #: The ceiling server (no gate), or None for an nginx without one.
     ceiling: int | None = None
+    #: The auth app's Unix socket, if it listens on one: ``server unix:...`` upstream.
+    auth_socket: Path | None = None
 
 
 def render_nginx(workdir: Path, ports: NginxPorts) -> Path:
@@ -38,7 +47,11 @@ def render_nginx(workdir: Path, ports: NginxPorts) -> Path:
     """
     workdir.mkdir(parents=True, exist_ok=True)
     conf = procs.render_nginx(
-        workdir, listen=ports.listen, sidecar_port=ports.auth, upstream_port=ports.upstream
+        workdir,
+        listen=ports.listen,
+        sidecar_port=None if ports.auth_socket else ports.auth,
+        sidecar_socket=ports.auth_socket,
+        upstream_port=ports.upstream,
     )
     text = conf.read_text().rstrip()
     if not text.endswith("}"):
@@ -55,6 +68,79 @@ def nginx(workdir: Path, ports: NginxPorts) -> procs.Process:
     conf = render_nginx(workdir, ports)
     argv = [procs.find_binary("nginx"), "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
     return procs.Process(argv, port=ports.listen, log=workdir / "nginx-stdout.log")
+
+
+#: What the OpenResty reference needs, from Debian: nginx's Lua module (LuaJIT, with NDK and
+#: lua-resty-core), resty.redis, resty.sha256 and resty.string, and lua-cjson.
+LUA_PACKAGES = ("libnginx-mod-http-lua", "lua-nginx-redis", "lua-nginx-string", "lua-cjson")
+#: Where Debian's packages put nginx's dynamic modules (nginx -V: --modules-path).
+MODULES = Path("/usr/lib/nginx/modules")
+LUA_MODULES = (MODULES / "ndk_http_module.so", MODULES / "ngx_http_lua_module.so")
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+
+
+def lua_unavailable(*, install: bool) -> str | None:
+    """Make nginx's Lua module and libraries ready; return why they cannot be, or None.
+
+    With *install*, the missing Debian packages (`LUA_PACKAGES`) are installed with apt-get,
+    as root; without, only what is installed is used.
+    """
+    missing = [p for p in LUA_PACKAGES if not _installed(p)]
+    if missing and not install:
+        return f"not installed: {' '.join(missing)}"
+    if missing:
+        if os.geteuid() != 0:
+            return f"not installed, and installing needs root: {' '.join(missing)}"
+        print(f"bench: installing {' '.join(missing)} for the OpenResty reference", flush=True)
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
+            return f"apt-get install {' '.join(missing)} failed: {' '.join(last)}"
+    absent = [str(m) for m in LUA_MODULES if not m.exists()]
+    if absent:
+        return f"nginx's Lua module is not where Debian puts it: {', '.join(absent)}"
+    return None
+
+
+def lua_nginx(
+    workdir: Path, *, listen: int, upstream: int, redis_socket: Path, prefix: str
+) -> procs.Process:
+    """Return nginx doing the key check in Lua (bench/lua/check.lua), against *redis_socket*.
+
+    The same client-facing server as the gate's, minus the sidecar: the protected location
+    runs the check in ``access_by_lua`` and passes the account id upstream.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "nginx-tmp").mkdir(exist_ok=True)
+    head, tail = records.Keyspace(prefix).record_around
+    account_field, key_field = _record_names()
+    options = {
+        "redis": f"unix:{redis_socket}",
+        "record_head": head,
+        "record_tail": tail,
+        "account_field": account_field,
+        "key_field": key_field,
+    }
+    text = _LUA_NGINX % {
+        "modules": "".join(f"load_module {m};\n" for m in LUA_MODULES),
+        "run": workdir,
+        "nginx_dir": procs.NGINX_DIR,
+        "lua_dir": LUA_DIR,
+        "options": ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items()),
+        "listen": listen,
+        "upstream": upstream,
+        "upstream_server": _UPSTREAM_SERVER % {"port": upstream},
+    }
+    conf = workdir / "nginx.conf"
+    conf.write_text(text)
+    argv = [procs.find_binary("nginx"), "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+    return procs.Process(argv, port=listen, log=workdir / "nginx-stdout.log")
 
 
 def tree(pid: int) -> list[int]:
@@ -110,6 +196,24 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TICKS
 
 
+def _installed(package: str) -> bool:
+    done = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Status}", package],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.returncode == 0 and done.stdout.endswith(" installed")
+
+
+def _record_names() -> tuple[str, str]:
+    """Return the JSON names under which a stored record holds its account id and key id."""
+    probe = records.KeyRecord("key-probe", "account-probe", None, "wacrm_live_x", (), None)
+    fields = orjson.loads(records.encode(probe, version=1)).items()
+    names = {v: k for k, v in fields if isinstance(v, str)}
+    return names["account-probe"], names["key-probe"]
+
+
 def _unprotected() -> str:
     lines = (procs.NGINX_DIR / "snippets" / "wacrm-protect.conf").read_text().splitlines()
     kept = [
@@ -141,4 +245,57 @@ _CEILING_SERVER = """
             proxy_pass http://app;
         }
     }
+"""
+
+_LUA_NGINX = """\
+# bench: the OpenResty reference, the key checked in nginx by bench/lua/check.lua.
+%(modules)s
+worker_processes 1;
+pid %(run)s/nginx.pid;
+error_log %(run)s/nginx-error.log warn;
+
+events {
+    worker_connections 1024;
+}
+
+http {
+    include %(nginx_dir)s/snippets/wacrm-log.conf;
+    access_log %(run)s/nginx-access.log wacrm;
+    client_body_temp_path %(run)s/nginx-tmp/body;
+    proxy_temp_path %(run)s/nginx-tmp/proxy;
+    fastcgi_temp_path %(run)s/nginx-tmp/fastcgi;
+    uwsgi_temp_path %(run)s/nginx-tmp/uwsgi;
+    scgi_temp_path %(run)s/nginx-tmp/scgi;
+    server_tokens off;
+
+    lua_package_path "%(lua_dir)s/?.lua;;";
+    init_by_lua_block {
+        require("check").configure({ %(options)s })
+    }
+
+    upstream app {
+        server 127.0.0.1:%(upstream)d;
+        keepalive 32;
+    }
+
+    server {
+        listen 127.0.0.1:%(listen)d;
+
+        location /api/ {
+            set $wacrm_account_id "";
+            set $wacrm_key_id "";
+            access_by_lua_block {
+                require("check").access()
+            }
+            proxy_set_header X-Wacrm-Account-Id $wacrm_account_id;
+            proxy_set_header X-Wacrm-Key-Id $wacrm_key_id;
+            proxy_set_header Authorization "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://app;
+        }
+    }
+%(upstream_server)s}
 """

@@ -6,7 +6,8 @@ an exec probe too). It finds the container's ``wacrm-sidecar`` or ``wacrm-loader
 (PID 1, or the first one found behind an init), reads that process's own environment and
 flags with the project's settings code, and asks:
 
-- the sidecar: ``WACRM_HOST``:``WACRM_PORT`` (``--host``, ``--port``);
+- the sidecar: ``WACRM_HOST``:``WACRM_PORT`` (``--host``, ``--port``), or its Unix socket
+  when ``WACRM_LISTEN`` (``--listen``) names one;
 - ``wacrm-loader run``: ``WACRM_LOADER_METRICS_HOST``:``WACRM_LOADER_METRICS_PORT``
   (``--metrics-host``, ``--metrics-port``); the image sets the port to 9181.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,14 +105,41 @@ def ask(host: str, port: int) -> tuple[bool, str]:
     """GET /healthz on *host*:*port*; return (healthy, what happened)."""
     address = probe_address(host)
     conn = http.client.HTTPConnection(address, port, timeout=TIMEOUT)
+    return _healthz(conn, f"http://{address}:{port}/healthz")
+
+
+def _healthz(conn: http.client.HTTPConnection, where: str) -> tuple[bool, str]:
     try:
         conn.request("GET", "/healthz")
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException) as e:
-        return False, f"http://{address}:{port}/healthz: {e}"
+        return False, f"{where}: {e}"
     finally:
         conn.close()
-    return status == 200, f"http://{address}:{port}/healthz: {status}"
+    return status == 200, f"{where}: {status}"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a server listening on the Unix socket *path*."""
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def ask_unix(path: str) -> tuple[bool, str]:
+    """GET /healthz on the Unix socket *path*; return (healthy, what happened)."""
+    return _healthz(UnixHTTPConnection(path, timeout=TIMEOUT), f"unix:{path} /healthz")
 
 
 def check() -> tuple[bool, str]:
@@ -124,6 +153,8 @@ def check() -> tuple[bool, str]:
 
         flags = [opt.flag for opt in OPTIONS]
         sidecar = Settings.from_env(environ, flags_for(flags, argv))
+        if sidecar.listen is not None:
+            return ask_unix(str(sidecar.listen))
         return ask(sidecar.host, sidecar.port)
 
     from loader.settings import OPTIONS as LOADER_OPTIONS

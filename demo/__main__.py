@@ -2,13 +2,15 @@
 
 Local redis-server, nginx with the shipped config, the sidecar, the loader following an SQLite
 key table, and an echoing upstream; then a freshly minted key and a curl line that works.
-Everything lives under .run/demo and stops on Ctrl-C.
+nginx asks the sidecar over a Unix socket, as on any single host.  Everything lives under
+.run/demo and stops on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,10 +34,12 @@ def main() -> int:
         "WACRM_REDIS_URL": redis_url,
         "WACRM_SOURCE": f"sqlite:///{RUN / 'keys.db'}",
     }
-    sidecar = procs.sidecar(RUN, redis_url=redis_url)
+    # In the work folder, unless nginx's workers could not reach it there.
+    sockets = procs.socket_folder(RUN)
+    sidecar = procs.sidecar(RUN, redis_url=redis_url, unix_socket=sockets / "sidecar.sock")
     upstream = procs.upstream(RUN)
     nginx = procs.nginx(
-        RUN, sidecar_port=sidecar.port, upstream_port=upstream.port, port=nginx_port
+        RUN, sidecar_socket=sidecar.unix_socket, upstream_port=upstream.port, port=nginx_port
     )
     loader = procs.Process(
         [sys.executable, "-m", "loader", "run"], port=0, log=RUN / "loader.log", env=env
@@ -61,7 +65,7 @@ def main() -> int:
         )
         loader.start_background()
         running.append(loader)
-        _banner(nginx_port, key, env)
+        _banner(nginx_port, key, env, sidecar.address)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.running for p in running):
             time.sleep(0.5)
@@ -73,6 +77,8 @@ def main() -> int:
     finally:
         for p in reversed(running):
             p.stop()
+        if sockets != RUN:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def _loader(env: dict[str, str], *args: str) -> str:
@@ -93,12 +99,12 @@ def _free(port: int) -> bool:
     return False
 
 
-def _banner(port: int, key: str, env: dict[str, str]) -> None:
+def _banner(port: int, key: str, env: dict[str, str], sidecar: str) -> None:
     base = f"http://127.0.0.1:{port}"
     loader = f"WACRM_SOURCE={env['WACRM_SOURCE']} WACRM_REDIS_URL={env['WACRM_REDIS_URL']}"
     print(
         f"""
-The Wacrm gate is running (logs in {RUN}).
+The Wacrm gate is running (logs in {RUN}; nginx asks the sidecar on {sidecar}).
 
 A demo key with the scopes contacts:read and messages:send (shown once, stored only hashed):
     {key}

@@ -23,7 +23,7 @@ from loader.rules import RuleError
 from loader.settings import OPTIONS, Settings
 from loader.source import KeyListing, NotFound, SourceUnavailable
 from sidecar.logs import log_config
-from sidecar.options import SettingError, redact_url
+from sidecar.options import SettingError, add_flags, redact_url
 from sidecar.routes import PolicyError
 
 log = logging.getLogger("loader")
@@ -50,9 +50,8 @@ _LIST_COLUMNS = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in *argv* (default: the process's); return the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    flags = [x for opt in OPTIONS if opt.name in args for x in (opt.flag, getattr(args, opt.name))]
     try:
-        settings = Settings.from_env(os.environ, flags)
+        settings = Settings.from_flags(os.environ, vars(args))
         settings.require_source()
         runner.key_rules(settings)
     except (SettingError, PolicyError, LimitsError) as e:
@@ -203,15 +202,8 @@ def _time(moment: Any) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for opt in OPTIONS:
-        default = "unset" if opt.default is None else opt.default
-        common.add_argument(
-            opt.flag,
-            dest=opt.name,
-            metavar="VALUE",
-            help=f"{opt.help} [env {opt.env}, default {default}]",
-        )
+    common = argparse.ArgumentParser(add_help=False)
+    add_flags(common, OPTIONS)
     parser = argparse.ArgumentParser(
         prog="wacrm-loader",
         parents=[common],

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from sidecar import options
 from sidecar.options import Option
@@ -120,8 +121,12 @@ OPTIONS = (
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(options.FromEnv):
     """How one loader process runs; every field is documented in `OPTIONS` and the README."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = OPTIONS
+    PROG: ClassVar[str] = "wacrm-loader"
+    DESCRIPTION: ClassVar[str] = "Wacrm gate: keep Redis equal to the table of API keys."
 
     source: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -137,18 +142,6 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] | None = None) -> Settings:
-        """Read settings from *environ*, overridden by the flags in *argv*."""
-        values = options.read(
-            OPTIONS,
-            environ,
-            argv,
-            prog="wacrm-loader",
-            description="Wacrm gate: keep Redis equal to the table of API keys.",
-        )
-        return cls(**values)
 
     def require_source(self) -> str:
         """Return the source URL; raise SettingError when none is configured."""

@@ -13,7 +13,7 @@ from sidecar import answers, decision
 from sidecar.metrics import Metrics
 from sidecar.records import Keyspace
 from sidecar.resp import RespClient
-from sidecar.routes import load_policy
+from sidecar.routes import Policy, load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
 from sidecar.verifier import Verdict, Verifier
@@ -48,15 +48,16 @@ class Gate:
     `web.Application` adds per request (router, match info, signals).  Serve it with
     `web.Server`, and `close` it once the server has stopped.
 
-    Raise PolicyError for a bad route file.
+    *policy* is the route policy of *settings*, when the caller has loaded it already;
+    otherwise it is loaded here (raising PolicyError for a bad route file).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
         self.metrics = Metrics()
         self.client = RespClient(settings.redis_url, timeout=settings.redis_timeout)
         self.verifier = Verifier(
             KeyStore(self.client, Keyspace(settings.redis_prefix), settings.rate_limit),
-            load_policy(settings.routes),
+            load_policy(settings.routes) if policy is None else policy,
             self.metrics,
             allow_unlisted=settings.unknown_routes == "allow",
             encoded_slashes=settings.encoded_slashes == "keep",

@@ -1,27 +1,28 @@
-"""The sidecar's metrics: plain integer counts on the request path, Prometheus text on a scrape.
+"""The sidecar's metrics: prometheus-client's Counter and Histogram, one process or several.
 
-Every count lives in one array of integers, so counting a decision is three integer additions.
-In a single process the array is a list.  With several workers, each worker's array holds 64-bit
-integers in a memory-mapped file of its own, in a folder the supervisor makes; a scrape of any
-worker adds up every file there (a worker that died and was replaced keeps its file, so no count
-ever goes backwards).
+In a single process the counts are in memory.  With several workers, each worker counts into
+prometheus-client's multiprocess files in a folder the supervisor makes, and a scrape of any
+worker adds up every file there (a worker that died and was replaced leaves its files, so no
+count ever goes backwards).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-from bisect import bisect_left
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 #: The folder the supervisor gives its workers for their counts (a temporary one unless set).
 MULTIPROC_ENV = "WACRM_METRICS_DIR"
-#: The names of the workers' count files in that folder.
-COUNTS_GLOB = "gate-*.counts"
+#: The workers' count files in that folder: prometheus-client's, one of each a process.
+COUNTS_GLOBS = ("counter_*.db", "histogram_*.db")
+#: The variable prometheus-client reads the multiprocess folder from.
+PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 OUTCOMES = {
     200: "allowed",
@@ -53,115 +54,121 @@ DECISIONS = (
     (503, "unavailable"),
     (503, "not_loaded"),
 )
-#: Where a decision missing from DECISIONS is counted (a test keeps this at zero).
-_OTHER = (0, "other")
+#: The labels under which a decision missing from DECISIONS is counted (a test keeps it at zero).
+_OTHER = ("other", "other")
 #: Upper bounds, in seconds, of the buckets of the check-duration histogram.
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REDIS_ERROR_KINDS = ("timeout", "connection", "reply")
-
-# The layout of the counts: decisions, then histogram buckets (the last is +Inf), then the
-# histogram's sum in microseconds, then Redis errors by kind.
-_DECISION_SLOT = {d: i for i, d in enumerate((*DECISIONS, _OTHER))}
-_OTHER_SLOT = _DECISION_SLOT[_OTHER]
-_BUCKET0 = len(_DECISION_SLOT)
-_SUM = _BUCKET0 + len(BUCKETS) + 1
-_ERROR_SLOT = {k: _SUM + 1 + i for i, k in enumerate(REDIS_ERROR_KINDS)}
-_SLOTS = _SUM + 1 + len(REDIS_ERROR_KINDS)
-_FILE_SIZE = _SLOTS * 8
 
 
 class Metrics:
     """Count the gate's decisions and Redis failures; render them for Prometheus.
 
     When *directory* is given (the supervisor's folder of worker counts, by default from
-    ``WACRM_METRICS_DIR``), counts go to a file of this process's there and a scrape adds
-    up all the files.
+    ``WACRM_METRICS_DIR``), counts go to this process's files there and a scrape adds up all
+    the files.  A process holds at most one such instance per folder.
     """
 
     def __init__(self, directory: Path | None = None) -> None:
         if directory is None and MULTIPROC_ENV in os.environ:
             directory = Path(os.environ[MULTIPROC_ENV])
         self.directory = directory
-        # One process: a list, the cheapest to count into.  Workers: their shared files.
-        self._counts: list[int] | memoryview[int]
+        self._value_class: type = values.MutexValue
+        if directory is not None:
+            self._value_class = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        with self._counting():
+            self._decisions = Counter(
+                "wacrm_gate_decisions",
+                "Requests decided by the gate, by outcome and reason.",
+                ["outcome", "reason"],
+                registry=None,
+            )
+            self._verify = Histogram(
+                "wacrm_gate_verify_seconds",
+                "Time from a check's arrival to its answer, Redis round trip included.",
+                buckets=BUCKETS,
+                registry=None,
+            )
+            errors = Counter(
+                "wacrm_gate_redis_errors",
+                "Redis calls of the request path that failed, by kind"
+                " (timeout, connection, reply).",
+                ["kind"],
+                registry=None,
+            )
+            # Every series exists from the start, at zero, and counting looks none up.
+            self._decided = {
+                (status, reason): self._decisions.labels(OUTCOMES[status], reason)
+                for status, reason in DECISIONS
+            }
+            self._errors = {kind: errors.labels(kind) for kind in REDIS_ERROR_KINDS}
+        self._registry = CollectorRegistry(auto_describe=False)
         if directory is None:
-            self._counts = [0] * _SLOTS
+            self._registry.register(_InMemory(self._decisions, self._verify, errors))
         else:
-            path = directory / f"gate-{os.getpid()}.counts"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.ftruncate(fd, _FILE_SIZE)
-                self._map = mmap.mmap(fd, _FILE_SIZE)
-            finally:
-                os.close(fd)
-            self._counts = memoryview(self._map).cast("q")
+            MultiProcessCollector(self._registry, path=str(directory))  # type: ignore[no-untyped-call]
 
     def decided(self, status: int, reason: str, seconds: float) -> None:
         """Count one decision with *status* and *reason*, taken in *seconds*."""
-        c = self._counts
-        c[_DECISION_SLOT.get((status, reason), _OTHER_SLOT)] += 1
-        c[_BUCKET0 + bisect_left(BUCKETS, seconds)] += 1
-        c[_SUM] += int(seconds * 1_000_000)
+        counter = self._decided.get((status, reason))
+        if counter is None:
+            counter = self._other()
+        counter.inc()
+        self._verify.observe(seconds)
 
     def redis_error(self, kind: str) -> None:
         """Count one failed Redis call of the request path, by *kind*."""
-        self._counts[_ERROR_SLOT[kind]] += 1
-
-    def totals(self) -> list[int]:
-        """Return the counts of this process, or of every worker's process."""
-        if self.directory is None:
-            return list(self._counts)
-        total = [0] * _SLOTS
-        for path in self.directory.glob(COUNTS_GLOB):
-            try:
-                data = path.read_bytes()
-            except OSError:  # a worker's file went away: nothing to add
-                continue
-            if len(data) != _FILE_SIZE:  # being created this instant: all zeros anyway
-                continue
-            for i, n in enumerate(memoryview(data).cast("q")):
-                total[i] += n
-        return total
+        self._errors[kind].inc()
 
     def exposition(self) -> bytes:
         """Return every metric in Prometheus's text format."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self.totals()))
-        return generate_latest(registry)
+        return generate_latest(self._registry)
+
+    def _other(self) -> Counter:
+        """Return the series of decisions missing from DECISIONS, made on first use."""
+        with self._counting():
+            return self._decisions.labels(*_OTHER)
+
+    @contextmanager
+    def _counting(self) -> Iterator[None]:
+        """Make the series created in the block count in this instance's memory or files.
+
+        prometheus-client picks where counts go from PROMETHEUS_MULTIPROC_DIR: the kind of value
+        when it is imported, the folder when a file is first opened.  Choosing here lets one
+        process hold either kind (the tests do), whatever its environment held at import.
+        """
+        saved_class, saved_dir = values.ValueClass, os.environ.get(PROMETHEUS_ENV)
+        values.ValueClass = self._value_class
+        if self.directory is not None:
+            os.environ[PROMETHEUS_ENV] = str(self.directory)
+        try:
+            yield
+        finally:
+            values.ValueClass = saved_class
+            if saved_dir is None:
+                os.environ.pop(PROMETHEUS_ENV, None)
+            else:
+                os.environ[PROMETHEUS_ENV] = saved_dir
 
 
-class _Collector:
-    """Turn one reading of the counts into metric families."""
+def clear_counts(directory: Path) -> None:
+    """Remove the count files of earlier processes from *directory*, and nothing else there."""
+    for pattern in COUNTS_GLOBS:
+        for old in directory.glob(pattern):
+            old.unlink(missing_ok=True)
 
-    def __init__(self, counts: list[int]) -> None:
-        self.counts = counts
+
+class _InMemory:
+    """Collect metrics of this process without their ``_created`` series.
+
+    The workers' files have no such series, so one process and several expose the same ones.
+    """
+
+    def __init__(self, *metrics: Counter | Histogram) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        c = self.counts
-        decisions = CounterMetricFamily(
-            "wacrm_gate_decisions",
-            "Requests decided by the gate, by outcome and reason.",
-            labels=["outcome", "reason"],
-        )
-        for (status, reason), slot in _DECISION_SLOT.items():
-            if (status, reason) != _OTHER or c[slot]:
-                decisions.add_metric([OUTCOMES.get(status, "other"), reason], c[slot])
-        yield decisions
-        cumulative, buckets = 0, []
-        for i, bound in enumerate((*BUCKETS, float("inf"))):
-            cumulative += c[_BUCKET0 + i]
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily(
-            "wacrm_gate_verify_seconds",
-            "Time from a check's arrival to its answer, Redis round trip included.",
-            buckets=buckets,
-            sum_value=c[_SUM] / 1_000_000,
-        )
-        errors = CounterMetricFamily(
-            "wacrm_gate_redis_errors",
-            "Redis calls of the request path that failed, by kind (timeout, connection, reply).",
-            labels=["kind"],
-        )
-        for kind, slot in _ERROR_SLOT.items():
-            errors.add_metric([kind], c[slot])
-        yield errors
+        for metric in self.metrics:
+            for family in metric.collect():
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                yield family

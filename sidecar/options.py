@@ -10,7 +10,7 @@ import argparse
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 
 class SettingError(ValueError):
@@ -33,24 +33,18 @@ class Option:
 
 
 def read(
-    options: Sequence[Option],
-    environ: Mapping[str, str],
-    argv: Sequence[str] | None = None,
-    *,
-    prog: str | None = None,
-    description: str | None = None,
+    options: Sequence[Option], environ: Mapping[str, str], flags: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """Return each option's value: from *argv*, else *environ*, else its default.
+    """Return each option's value: from *flags* (option name -> raw value), else *environ*,
+    else its default.
 
     Raise `SettingError` naming the flag or variable whose value does not parse.
     """
     values: dict[str, Any] = {}
-    cli: dict[str, str] = {}
-    if argv is not None:
-        cli = _parse_argv(options, argv, prog=prog, description=description)
+    flags = flags or {}
     for opt in options:
-        if opt.name in cli:
-            raw, origin = cli[opt.name], opt.flag
+        if opt.name in flags:
+            raw, origin = flags[opt.name], opt.flag
         elif opt.env in environ:
             raw, origin = environ[opt.env], opt.env
         else:
@@ -61,6 +55,49 @@ def read(
         except (ValueError, TypeError) as e:
             raise SettingError(f"{origin}={redact_url(raw)!r}: {e}") from None
     return values
+
+
+def add_flags(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Give *parser* a flag for each of *options*; a flag not given is absent from the result."""
+    for opt in options:
+        default = "unset" if opt.default is None else opt.default
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=f"{opt.help} [env {opt.env}, default {default}]",
+        )
+
+
+class FromEnv:
+    """A settings class read from its `OPTIONS`: environment variables, then flags."""
+
+    __slots__ = ()
+    OPTIONS: ClassVar[Sequence[Option]]
+    #: The program's name and what it does, for ``--help``.
+    PROG: ClassVar[str]
+    DESCRIPTION: ClassVar[str]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] | None = None) -> Self:
+        """Read settings from *environ*, overridden by the flags in *argv*."""
+        flags: dict[str, str] = {}
+        if argv is not None:
+            parser = argparse.ArgumentParser(
+                prog=cls.PROG,
+                description=cls.DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            add_flags(parser, cls.OPTIONS)
+            flags = vars(parser.parse_args(argv))
+        return cls.from_flags(environ, flags)
+
+    @classmethod
+    def from_flags(cls, environ: Mapping[str, str], flags: Mapping[str, Any]) -> Self:
+        """Read settings from *environ*, overridden by *flags* parsed already (`add_flags`)."""
+        names = {opt.name for opt in cls.OPTIONS}
+        return cls(**read(cls.OPTIONS, environ, {k: v for k, v in flags.items() if k in names}))
 
 
 def redact_url(url: str) -> str:
@@ -131,30 +168,6 @@ def choice(*allowed: str) -> Callable[[str], str]:
         return value
 
     return parse
-
-
-def _parse_argv(
-    options: Sequence[Option],
-    argv: Sequence[str],
-    *,
-    prog: str | None,
-    description: str | None,
-) -> dict[str, str]:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for opt in options:
-        default = "unset" if opt.default is None else opt.default
-        parser.add_argument(
-            opt.flag,
-            dest=opt.name,
-            metavar="VALUE",
-            help=f"{opt.help} [env {opt.env}, default {default}]",
-        )
-    ns = parser.parse_args(argv)
-    return {k: v for k, v in vars(ns).items() if v is not None}
 
 
 #: The log level setting, the same in every process.

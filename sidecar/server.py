@@ -1,4 +1,8 @@
-"""Serving the verifier: one process, or several sharing the port under a supervisor."""
+"""Serving the verifier: one process, or several sharing the port under a supervisor.
+
+On TCP each worker listens on the port itself (``SO_REUSEPORT``); on a Unix socket
+(``WACRM_LISTEN``) the supervisor makes the one socket and the workers all accept on it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +26,8 @@ from aiohttp import web
 
 from sidecar.app import HANDLER_ARGS, Gate
 from sidecar.logs import log_config
-from sidecar.metrics import COUNTS_GLOB, MULTIPROC_ENV
+from sidecar.metrics import MULTIPROC_ENV, clear_counts
+from sidecar.routes import Policy
 from sidecar.settings import Settings
 
 log = logging.getLogger("sidecar")
@@ -32,18 +39,108 @@ MAX_RESTARTS = 5
 RESTART_PERIOD = 10.0
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve *settings* in this process until SIGINT or SIGTERM."""
+#: Who may connect to the Unix socket: anyone who can reach it, as on 127.0.0.1. The folder's
+#: permissions decide who that is; nginx often runs as another user than the sidecar.
+SOCKET_MODE = 0o666
+#: Connections the kernel holds for the workers to accept (aiohttp's own default).
+BACKLOG = 128
+
+
+class ListenError(Exception):
+    """The Unix socket to listen on cannot be made."""
+
+
+def serve(
+    settings: Settings,
+    policy: Policy | None = None,
+    *,
+    reuse_port: bool = False,
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve *settings* in this process until SIGINT or SIGTERM.
+
+    *policy* is the route policy of *settings*, if loaded already (else it is loaded here).
+
+    On *sock* if given (the supervisor's listening socket); else on the Unix socket of
+    *settings.listen*, made here and removed at the end; else on TCP host and port.
+    """
     use_uvloop()
-    asyncio.run(_serve(settings, reuse_port=reuse_port))
-
-
-async def _serve(settings: Settings, *, reuse_port: bool) -> None:
-    gate = Gate(settings)
+    if sock is not None or settings.listen is None:
+        asyncio.run(_serve(settings, policy, reuse_port=reuse_port, sock=sock))
+        return
     try:
-        await run_server(gate, settings.host, settings.port, reuse_port=reuse_port)
+        listener = UnixListener(settings.listen)
+    except ListenError as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+    try:
+        asyncio.run(_serve(settings, policy, reuse_port=False, sock=listener.sock))
+    finally:
+        listener.close()
+
+
+async def _serve(
+    settings: Settings, policy: Policy | None, *, reuse_port: bool, sock: socket.socket | None
+) -> None:
+    gate = Gate(settings, policy)
+    try:
+        await run_server(gate, settings.host, settings.port, reuse_port=reuse_port, sock=sock)
     finally:
         await gate.close()
+
+
+class UnixListener:
+    """A listening Unix socket at *path*, mode `SOCKET_MODE`, replacing a stale one.
+
+    Raise `ListenError` if *path* is another kind of file, a socket some process still
+    listens on, or cannot be made. `close` removes the file, if it is still this socket.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        _remove_stale(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._inode = -1
+        try:
+            self.sock.bind(str(path))
+            self._inode = path.stat().st_ino
+            path.chmod(SOCKET_MODE)
+            self.sock.listen(BACKLOG)
+        except OSError as e:
+            self.close()
+            raise ListenError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            if self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the socket file at *path* if no process listens on it any more."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ListenError(f"cannot listen on unix:{path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(f"cannot listen on unix:{path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:  # left by a process that died: replace it
+            path.unlink(missing_ok=True)
+            return
+        except TimeoutError:  # its queue is full: someone listens, but is slow to accept
+            pass
+        except OSError as e:
+            raise ListenError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
+    raise ListenError(f"cannot listen on unix:{path}: another process listens on it")
 
 
 async def run_server(
@@ -52,9 +149,11 @@ async def run_server(
     port: int,
     *,
     reuse_port: bool = False,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve *handler* on aiohttp's low-level server until SIGINT or SIGTERM.
 
+    On the listening socket *sock* if given (*host* and *port* are then unused), else on TCP.
     On a signal it stops listening and gives the requests in flight `SHUTDOWN_TIMEOUT`
     seconds to finish.
     """
@@ -67,28 +166,51 @@ async def run_server(
         loop.add_signal_handler(signum, stop.set)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-        log.info("listening on %s:%d (pid %d)", host, port, os.getpid())
+        if sock is None:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            where = f"{host}:{port}"
+        else:
+            await web.SockSite(runner, sock).start()
+            where = _address(sock)
+        log.info("listening on %s (pid %d)", where, os.getpid())
         await stop.wait()
         log.info("stopping: finishing the requests in flight")
     finally:
         await runner.cleanup()  # stops listening, then waits for the handlers in flight
 
 
-def _worker(settings: Settings) -> None:
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    return f"{name[0]}:{name[1]}"
+
+
+def _worker(settings: Settings, policy: Policy | None, sock: socket.socket | None) -> None:
     log_config(settings.log_level)
-    serve(settings, reuse_port=True)
+    serve(settings, policy, reuse_port=sock is None, sock=sock)
 
 
-def supervise(settings: Settings) -> int:
-    """Run *settings.workers* worker processes; restart one that dies, stop all on a signal."""
+def supervise(settings: Settings, policy: Policy | None = None) -> int:
+    """Run *settings.workers* worker processes; restart one that dies, stop all on a signal.
+
+    On TCP each worker listens on the port itself. On a Unix socket, made here, each worker
+    gets this process's listening socket (multiprocessing passes its descriptor).
+    """
     ctx = multiprocessing.get_context("spawn")
+    listener = None
+    if settings.listen is not None:
+        try:
+            listener = UnixListener(settings.listen)
+        except ListenError as e:
+            log.error("%s", e)
+            return 1
+    sock = listener.sock if listener is not None else None
     stopping = False
     # Workers count into files here, so /metrics on any of them shows the sum of all.
     metrics_dir = None
     if MULTIPROC_ENV in os.environ:  # a folder of the operator's: start the counts anew
-        for old in Path(os.environ[MULTIPROC_ENV]).glob(COUNTS_GLOB):
-            old.unlink(missing_ok=True)
+        clear_counts(Path(os.environ[MULTIPROC_ENV]))
     else:
         metrics_dir = tempfile.mkdtemp(prefix="wacrm-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
@@ -101,7 +223,7 @@ def supervise(settings: Settings) -> int:
                 os.kill(w.pid, signal.SIGTERM)
 
     def start() -> BaseProcess:
-        w = ctx.Process(target=_worker, args=(settings,), daemon=False)
+        w = ctx.Process(target=_worker, args=(settings, policy, sock), daemon=False)
         w.start()
         return w
 
@@ -128,6 +250,8 @@ def supervise(settings: Settings) -> int:
         w.join(SHUTDOWN_TIMEOUT + 2)
         if w.is_alive():
             w.kill()
+    if listener is not None:
+        listener.close()
     if metrics_dir is not None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from sidecar import options
 from sidecar.options import Option
@@ -18,9 +21,49 @@ def _rate_limit(text: str) -> RateLimit | None:
     return None if text.strip().lower() in ("off", "0") else RateLimit.parse(text)
 
 
+#: The longest socket path Linux takes (``sun_path`` holds 108 bytes, the last one NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _listen(text: str) -> Path | None:
+    """Parse ``unix:/ABSOLUTE/PATH`` into the socket's path; empty is None (TCP)."""
+    if not text:
+        return None
+    form = "must be unix:/ABSOLUTE/PATH (a Unix socket), or empty for TCP"
+    if not text.startswith("unix:"):
+        raise ValueError(form)
+    raw = text.removeprefix("unix:")
+    if not raw.startswith("/") or raw.startswith("//") or raw.endswith("/") or "\0" in raw:
+        raise ValueError(form)
+    if len(os.fsencode(raw)) > MAX_SOCKET_PATH:
+        raise ValueError(f"the path is longer than the {MAX_SOCKET_PATH} bytes a socket's may be")
+    path = Path(raw)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ValueError(f"the folder {path.parent} does not exist") from None
+        return path
+    except OSError as e:
+        raise ValueError(f"cannot look at {raw}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):  # a stale socket is replaced at start; anything else is kept
+        raise ValueError(f"{raw} exists and is not a socket; refusing to replace it")
+    return path
+
+
 OPTIONS = (
     Option("host", "WACRM_HOST", str, "127.0.0.1", "address to listen on"),
     Option("port", "WACRM_PORT", options.port, 9180, "TCP port to listen on"),
+    Option(
+        "listen",
+        "WACRM_LISTEN",
+        _listen,
+        None,
+        "unix:/ABSOLUTE/PATH: listen on this Unix socket instead of WACRM_HOST:WACRM_PORT"
+        " (e.g. unix:/run/wacrm/sidecar.sock); unset or empty = TCP. The socket is made"
+        " mode 0666, so that nginx's user can connect: the folder's permissions decide who"
+        " reaches it. A stale socket left there is replaced; any other file is refused",
+    ),
     Option(
         "redis_url",
         "WACRM_REDIS_URL",
@@ -92,11 +135,17 @@ OPTIONS = (
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(options.FromEnv):
     """How one sidecar process runs; every field is documented in `OPTIONS` and the README."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = OPTIONS
+    PROG: ClassVar[str] = "wacrm-sidecar"
+    DESCRIPTION: ClassVar[str] = "Wacrm gate: the auth_request / forward-auth verifier."
 
     host: str = "127.0.0.1"
     port: int = 9180
+    #: The Unix socket to listen on instead of host:port, if any.
+    listen: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = DEFAULT_PREFIX
     redis_timeout: float = 0.5
@@ -107,15 +156,3 @@ class Settings:
     last_used_interval: float = 60.0
     workers: int = 1
     log_level: str = "info"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] | None = None) -> Settings:
-        """Read settings from *environ*, overridden by the flags in *argv*."""
-        values = options.read(
-            OPTIONS,
-            environ,
-            argv,
-            prog="wacrm-sidecar",
-            description="Wacrm gate: the auth_request / forward-auth verifier.",
-        )
-        return cls(**values)

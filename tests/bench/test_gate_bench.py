@@ -20,9 +20,11 @@ pytestmark = [
 
 def test_harness_prints_every_case_with_positive_rates_and_no_errors() -> None:
     # --tree .: this checkout once more, as the other checkout of a side-by-side run.
+    # --lua installed: the OpenResty row runs if nginx's Lua module is there; tests install
+    # nothing.
     out = subprocess.run(
         [sys.executable, "bench/gate.py", "--duration", "1", "--rounds", "1", "--warmup", "0",
-         "--connections", "4", "--tree", "."],
+         "--connections", "4", "--tree", ".", "--lua", "installed"],
         cwd=procs.ROOT,
         capture_output=True,
         text=True,
@@ -32,22 +34,34 @@ def test_harness_prints_every_case_with_positive_rates_and_no_errors() -> None:
     table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
              if line.startswith("| ")]  # fmt: skip
     header, rows = table[0], table[1:]
+    openresty = "OpenResty/Lua in nginx, valid key (reference)"
+    skipped = f"the {openresty} row was skipped: not installed: " in out
     assert [row[0] for row in rows] == [
         "ceiling (no auth)",
         "floor (200-only aiohttp)",
         "floor, low-level server",
+        "floor, low-level server, Unix socket",
         "floor + one Redis GET",
         "gate, valid key",
+        "gate, valid key, Unix socket",
         "gate, 1,000 valid keys",
         "gate, unknown keys",
         "gate, garbage",
+        *([] if skipped else [openresty]),
         "gate, valid key, .",
+        "gate, valid key, Unix socket, .",
     ]
     for row in rows:
         assert float(row[header.index("req/s")].replace(",", "")) > 0, row
         assert row[header.index("errors")] == "0", row
     assert "Machine: " in out
     assert "Sidecar RSS" in out
+    targets = [line for line in out.splitlines() if line.startswith("- gate, valid key, Unix")]
+    assert [line.split(":")[0] for line in targets] == [
+        "- gate, valid key, Unix socket against floor, low-level server",
+        "- gate, valid key, Unix socket against floor, low-level server, Unix socket",
+    ]
+    assert "target at least 1.0x" in targets[0] and "target at least 0.8x" in targets[1]
 
 
 def test_wrk_counts_every_response_with_another_status_as_an_error(tmp_path: Path) -> None:

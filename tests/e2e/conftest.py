@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,11 +50,21 @@ class Gate:
         *,
         sidecar_env: dict[str, str] | None = None,
         server_lines: str = "",
+        unix_socket: bool = False,
     ) -> None:
-        """*sidecar_env* adds to the sidecar's settings; *server_lines* go in nginx's server."""
+        """*sidecar_env* adds to the sidecar's settings; *server_lines* go in nginx's server;
+        with *unix_socket* the sidecar listens on a Unix socket (WACRM_LISTEN) and nginx's
+        upstream is ``server unix:...``."""
         self.redis_server = redis_server
         self.keyspace = Keyspace()
         self.upstream = procs.upstream(workdir)
+        #: The folder of the sidecar's socket, when it is not *workdir*: removed at stop.
+        self.socket_folder: Path | None = None
+        socket = None
+        if unix_socket:
+            folder = procs.socket_folder(workdir)
+            self.socket_folder = folder if folder != workdir else None
+            socket = folder / "sidecar.sock"
         self.sidecar = procs.sidecar(
             workdir,
             redis_url=redis_server.url,
@@ -63,9 +74,13 @@ class Gate:
                 "WACRM_RATE_LIMIT": "120/1h",
                 **(sidecar_env or {}),
             },
+            unix_socket=socket,
         )
         self.nginx = procs.nginx(
-            workdir, sidecar_port=self.sidecar.port, upstream_port=self.upstream.port
+            workdir,
+            sidecar_port=None if socket else self.sidecar.port,
+            sidecar_socket=socket,
+            upstream_port=self.upstream.port,
         )
         self.port = self.nginx.port
         if server_lines:
@@ -83,6 +98,8 @@ class Gate:
     def stop(self) -> None:
         for p in (self.nginx, self.sidecar, self.upstream):
             p.stop()
+        if self.socket_folder is not None:
+            shutil.rmtree(self.socket_folder, ignore_errors=True)
 
     def redis(self) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(self.redis_server.url)

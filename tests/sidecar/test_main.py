@@ -48,6 +48,8 @@ def test_help_lists_every_option_and_its_variable() -> None:
         (["--redis-timeout", "-1"], {}, "--redis-timeout"),
         ([], {"WACRM_WORKERS": "0"}, "WACRM_WORKERS"),
         ([], {"WACRM_ROUTES": "/nonexistent/routes"}, "/nonexistent/routes"),
+        ([], {"WACRM_LISTEN": "unix:"}, "WACRM_LISTEN"),
+        (["--listen", "unix:/nonexistent/sidecar.sock"], {}, "--listen"),
     ],
 )
 def test_bad_setting_stops_start_up_naming_it(
@@ -68,6 +70,42 @@ def test_a_bad_redis_url_stops_start_up_with_one_line_naming_it(url: str) -> Non
     assert line.startswith(f"wacrm-sidecar: WACRM_REDIS_URL={url!r}: "), line
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["unix:", "unix:relative/sidecar.sock", "/tmp/sidecar.sock", "tcp:127.0.0.1:9180",
+     "unix://tmp/sidecar.sock", "unix:/tmp/", "unix:/" + "x" * 110, "unix:/nonexistent/s.sock"],
+)  # fmt: skip
+def test_a_bad_listen_value_stops_start_up_with_one_line_naming_it(value: str) -> None:
+    result = run([], {"WACRM_LISTEN": value})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"wacrm-sidecar: WACRM_LISTEN={value!r}: "), line
+
+
+def test_a_file_that_is_not_a_socket_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.sock"
+    path.write_text("not a socket\n")
+    result = run([], {"WACRM_LISTEN": f"unix:{path}"})
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"wacrm-sidecar: WACRM_LISTEN='unix:{path}': {path} exists and is not a socket;"
+        " refusing to replace it"
+    )
+    assert path.read_text() == "not a socket\n"
+
+
+def test_an_empty_listen_keeps_tcp(redis_server: RedisServer, tmp_path: Path) -> None:
+    redis_server.start()
+    sidecar = procs.sidecar(tmp_path, redis_url=redis_server.url, extra_env={"WACRM_LISTEN": ""})
+    sidecar.start()
+    try:
+        assert _ready(sidecar.port) == 200
+    finally:
+        sidecar.stop()
+
+
 def _ready(port: int) -> int:
     return rawhttp.request(port, "/healthz").status
 
@@ -83,7 +121,7 @@ def test_workers_share_the_port_and_stop_on_sigterm(
     for _ in range(1000):
         stale.decided(401, "missing", 0.001)
     del stale
-    assert list(counts.glob("gate-*.counts"))
+    assert list(counts.glob("counter_*.db"))
     sidecar = procs.sidecar(
         tmp_path,
         redis_url=redis_server.url,
