@@ -2,7 +2,8 @@
 
 Local redis-server, nginx with the shipped config, the sidecar, the loader following an SQLite
 key table, and an echoing upstream; then a freshly minted key and a curl line that works.
-nginx asks the sidecar over a Unix socket, as on any single host.  Everything lives under
+nginx asks the sidecar, and the sidecar and the loader ask Redis, over Unix sockets, as on
+any single host.  Everything lives under
 .run/demo and stops on Ctrl-C.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,15 +29,15 @@ def main() -> int:
     args = parser.parse_args()
     RUN.mkdir(parents=True, exist_ok=True)
     nginx_port = args.port if _free(args.port) else procs.free_port()
-    redis = procs.redis_server(RUN)
-    redis_url = f"redis://127.0.0.1:{redis.port}/0"
+    # In the work folder, unless nginx's workers could not reach it there.
+    sockets = procs.socket_folder(RUN)
+    redis = procs.redis_server(RUN, unix_socket=sockets / "redis.sock")
+    redis_url = f"unix://{sockets / 'redis.sock'}?db=0"
     env = {
         **os.environ,
         "WACRM_REDIS_URL": redis_url,
         "WACRM_SOURCE": f"sqlite:///{RUN / 'keys.db'}",
     }
-    # In the work folder, unless nginx's workers could not reach it there.
-    sockets = procs.socket_folder(RUN)
     sidecar = procs.sidecar(RUN, redis_url=redis_url, unix_socket=sockets / "sidecar.sock")
     upstream = procs.upstream(RUN)
     nginx = procs.nginx(
@@ -101,7 +103,9 @@ def _free(port: int) -> bool:
 
 def _banner(port: int, key: str, env: dict[str, str], sidecar: str) -> None:
     base = f"http://127.0.0.1:{port}"
-    loader = f"WACRM_SOURCE={env['WACRM_SOURCE']} WACRM_REDIS_URL={env['WACRM_REDIS_URL']}"
+    loader = " ".join(
+        f"{name}={shlex.quote(env[name])}" for name in ("WACRM_SOURCE", "WACRM_REDIS_URL")
+    )
     print(
         f"""
 The Wacrm gate is running (logs in {RUN}; nginx asks the sidecar on {sidecar}).
