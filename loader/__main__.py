@@ -94,7 +94,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         if not created.in_redis:
             print(
-                "wacrm-loader: Redis not reachable; the key works once the loader syncs it",
+                "wacrm-loader: Redis not reachable (see the warning above); the key works once"
+                " the loader syncs it",
                 file=sys.stderr,
             )
         print(f"id: {created.key.id}")

@@ -13,7 +13,15 @@ from typing import Any
 
 import hiredis
 
-from sidecar.resp import Arg, Connection, RedisUnavailable, Tally, connect, encode_command
+from sidecar.resp import (
+    Arg,
+    Connection,
+    RedisUnavailable,
+    Tally,
+    connect,
+    encode_command,
+    refuse_cluster,
+)
 
 #: At most this many commands are sent and not yet answered; the sender waits beyond it.
 MAX_IN_FLIGHT = 20000
@@ -57,7 +65,9 @@ class Pipe:
     @classmethod
     async def open(cls, url: str, *, connect_timeout: float) -> Pipe:
         """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s."""
-        return cls(await connect(url, connect_timeout=connect_timeout))
+        conn = await connect(url, connect_timeout=connect_timeout)
+        await refuse_cluster(conn, url, within=connect_timeout)
+        return cls(conn)
 
     async def call(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise `RedisError` on an error reply."""

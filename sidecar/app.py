@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,8 +12,9 @@ from multidict import istr
 
 from sidecar import answers, decision
 from sidecar.metrics import Metrics
+from sidecar.options import redact_url
 from sidecar.records import Keyspace
-from sidecar.resp import RespClient
+from sidecar.resp import RedisUnavailable, ReplyError, RespClient
 from sidecar.routes import Policy, load_policy
 from sidecar.settings import Settings
 from sidecar.store import KeyStore
@@ -85,6 +87,18 @@ class Gate:
     async def close(self) -> None:
         """Close the connection to Redis."""
         await self.client.aclose()
+
+    async def check_redis(self) -> None:
+        """Log what the sidecar finds at its Redis URL; it serves either way (failing closed)."""
+        where = redact_url(self.client.url)
+        try:
+            info = await self.client.execute("INFO", "server")
+        except (RedisUnavailable, ReplyError) as e:
+            log.warning("Redis not usable yet, requests get 503 until it is: %s", e)
+            return
+        version = re.search(rb"redis_version:([^\r\n]+)", info)
+        found = version.group(1).decode() if version else "unknown"
+        log.info("Redis at %s answers, version %s", where, found)
 
     async def auth(self, request: web.BaseRequest) -> web.Response:
         """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render.

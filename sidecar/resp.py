@@ -247,6 +247,30 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     return conn
 
 
+async def refuse_cluster(conn: Connection, url: str, *, within: float) -> None:
+    """Raise `RedisUnavailable`, closing *conn*, when the server at *url* is a Cluster node.
+
+    The gate reads and writes many keys in one call, which a Redis Cluster refuses across
+    slots: until the gate speaks Cluster, it says so rather than fail key by key.  A server
+    that refuses INFO (a managed Redis may rename it) is taken as it is.  Raise
+    `RedisTimeout` when the server does not answer *within* seconds.
+    """
+    try:
+        async with asyncio.timeout(within):
+            info = await conn.call("INFO", "cluster")
+    except ReplyError:
+        return
+    except TimeoutError:
+        conn.abort("INFO timed out")
+        raise RedisTimeout(f"Redis at {redact_url(url)} did not answer INFO in time") from None
+    if b"cluster_enabled:1" in info:
+        conn.close()
+        raise RedisUnavailable(
+            f"Redis at {redact_url(url)} is a node of a Redis Cluster, which the gate does not"
+            " support yet: point it at one Redis server (with replicas if you like)"
+        )
+
+
 class RespClient:
     """Send commands to the Redis at *url* over one pipelined connection, reconnecting."""
 
@@ -345,6 +369,7 @@ class RespClient:
     async def _open(self) -> Connection:
         started = time.monotonic()
         conn = await connect(self.url, connect_timeout=self.timeout)
+        await refuse_cluster(conn, self.url, within=self.timeout)
         conn.on_lost(self._lost)
         log.debug("connected to redis in %.1f ms", (time.monotonic() - started) * 1000)
         return conn

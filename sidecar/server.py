@@ -83,9 +83,12 @@ async def _serve(
     settings: Settings, policy: Policy | None, *, reuse_port: bool, sock: socket.socket | None
 ) -> None:
     gate = Gate(settings, policy)
+    # What Redis is, logged once; the sidecar serves meanwhile (failing closed until it answers).
+    checking = asyncio.create_task(gate.check_redis())
     try:
         await run_server(gate, settings.host, settings.port, reuse_port=reuse_port, sock=sock)
     finally:
+        checking.cancel()
         await gate.close()
 
 
