@@ -170,9 +170,11 @@ def redis_server(
     *,
     unix_socket: Path | None = None,
     unix_socket_mode: int = 0o700,
+    extra: Sequence[str] = (),
 ) -> Process:
     """Return a throw-away redis-server (no persistence) on *port*, and *unix_socket* if given
-    (mode *unix_socket_mode*: by default only this user's processes may connect)."""
+    (mode *unix_socket_mode*: by default only this user's processes may connect), with the
+    *extra* arguments (a cluster node's, a replica's)."""
     port = port or free_port()
     argv = [
         find_binary("redis-server"),
@@ -193,7 +195,7 @@ def redis_server(
     ]
     if unix_socket is not None:
         argv += ["--unixsocket", str(unix_socket), "--unixsocketperm", f"{unix_socket_mode:o}"]
-    return Process(argv, port=port, log=workdir / f"redis-{port}.log")
+    return Process([*argv, *extra], port=port, log=workdir / f"redis-{port}.log")
 
 
 def sidecar(

@@ -86,6 +86,12 @@ class LoaderMetrics:
             ["result"],
             registry=r,
         )
+        self.active = Gauge(
+            "wacrm_loader_active",
+            "1 while this loader holds the loader lock and does the work; 0 while it stands"
+            " by (another loader is active, or Redis cannot be reached).",
+            registry=r,
+        )
         for result in ("applied", "unchanged", "refused"):
             self.reloads.labels(result)
         for kind in ("written", "deleted", "kept_out"):
@@ -95,7 +101,26 @@ class LoaderMetrics:
             self.errors.labels(kind)
         for result in ("ok", "incomplete"):
             self.reconciles.labels(result)
-        #: Connected, and a full reconcile completed since: what /readyz reports.
+        #: Active, connected, and a full reconcile completed since: what /readyz reports.
+        self.ready = False
+        #: Whether this loader holds the lock; if not, the token of the one that does, as
+        #: last seen (None: Redis not reached).
+        self.is_active = False
+        self.active_token: str | None = None
+
+    def became_active(self) -> None:
+        """Record that this loader took the lock: it is not ready before a full reconcile."""
+        self.is_active = True
+        self.active_token = None
+        self.active.set(1)
+        self.ready = False
+
+    def standing_by(self, holder: str | None) -> None:
+        """Record that this loader stands by while *holder* (a token, or None: Redis not
+        reached) holds the lock."""
+        self.is_active = False
+        self.active_token = holder
+        self.active.set(0)
         self.ready = False
 
     def reconciled(self, report: Report) -> None:
@@ -182,6 +207,14 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[metrics_key].ready:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not reconciled"}, status=503)
+    metrics = request.app[metrics_key]
+    if metrics.is_active:
+        if metrics.ready:
+            return web.json_response({"status": "ready", "role": "active"})
+        return web.json_response({"status": "not reconciled", "role": "active"}, status=503)
+    # A standby that reaches Redis is healthy: ready to take over.
+    if metrics.active_token is not None:
+        return web.json_response(
+            {"status": "ready", "role": "standby", "active": metrics.active_token}
+        )
+    return web.json_response({"status": "no redis", "role": "standby"}, status=503)

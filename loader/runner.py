@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loader.limits import LimitsError, load_limits
+from loader.lock import Lock, LockLost
 from loader.metrics import LoaderMetrics, serving
 from loader.mirror import REDIS_ERRORS, Mirror
 from loader.reconcile import Report, reconcile, refresh
@@ -47,6 +48,8 @@ async def sync(settings: Settings) -> Report:
 async def run(settings: Settings, metrics: LoaderMetrics | None = None) -> None:
     """Keep Redis equal to the key table until cancelled, reconnecting when either goes away.
 
+    Work only while this loader holds the loader lock (`loader.lock`): one ``run`` is active,
+    any other stands by and takes over, with a full reconcile, once the lock is free.
     Record what it does in *metrics*, served over HTTP when the metrics_port setting is set.
     On SIGHUP, read the rate-limits and route files again (see `Rules.reload`).
     """
@@ -96,6 +99,42 @@ class Rules:
 
 
 async def _follow(settings: Settings, rules: Rules, metrics: LoaderMetrics) -> None:
+    """Stand by until this loader holds the lock, then work until it is lost; and again."""
+    lock = Lock(
+        settings.redis_url,
+        Keyspace(settings.redis_prefix),
+        ttl=settings.lock_ttl,
+        timeout=settings.timeout,
+    )
+    try:
+        while True:
+            await lock.acquire(metrics.standing_by)
+            log.info("active: this loader (token %s) holds the loader lock", lock.token)
+            metrics.became_active()
+            try:
+                # Cancelling the work waits for its tasks to end: none sends a command after it.
+                await _first_failure(lock.keep(), _work(settings, rules, metrics))
+            except LockLost as e:
+                log.warning("%s; work stopped, standing by", e)
+            metrics.standing_by(None)
+    finally:
+        # Only once the work has stopped: the standby that takes over may start at once.
+        metrics.standing_by(None)
+        await _bounded(_release(lock), "Redis")
+
+
+async def _release(lock: Lock) -> None:
+    try:
+        if await lock.release(within=CLOSE_TIMEOUT / 2):
+            log.info("released the loader lock")
+    except REDIS_ERRORS as e:
+        log.warning("could not release the loader lock (it expires by itself): %s", e)
+    finally:
+        await lock.close()
+
+
+async def _work(settings: Settings, rules: Rules, metrics: LoaderMetrics) -> None:
+    """Run sessions, each starting with a full reconcile, reconnecting after a failure."""
     backoff = _Backoff(settings.retry_max)
     failed = False
     while True:

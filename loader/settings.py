@@ -22,6 +22,14 @@ def source_url(raw: str) -> str:
     raise ValueError("must be sqlite:///PATH or postgresql://...")
 
 
+def lock_ttl(raw: str) -> float:
+    """Parse the lock's lifetime: a number of seconds, at least 1."""
+    value = options.positive_float(raw)
+    if value < 1:
+        raise ValueError("must be at least 1 (seconds)")
+    return value
+
+
 OPTIONS = (
     Option(
         "source",
@@ -35,7 +43,7 @@ OPTIONS = (
         "WACRM_REDIS_URL",
         options.redis_url,
         "redis://127.0.0.1:6379/0",
-        "Redis the gate reads (redis://, rediss:// or unix://)",
+        "Redis the gate reads (redis://, rediss://, unix:// or redis+sentinel://)",
     ),
     Option(
         "redis_prefix",
@@ -102,6 +110,15 @@ OPTIONS = (
         "seconds to wait for a connection to the source or Redis",
     ),
     Option(
+        "lock_ttl",
+        "WACRM_LOADER_LOCK_TTL",
+        lock_ttl,
+        10.0,
+        "seconds the lock naming the one active `run` lasts unless renewed (every third of"
+        " it); a standby tries to take it every tenth, so it takes over within about this"
+        " long after the active loader dies, and at once after a clean stop",
+    ),
+    Option(
         "metrics_port",
         "WACRM_LOADER_METRICS_PORT",
         options.port,
@@ -139,6 +156,7 @@ class Settings(options.FromEnv):
     batch_size: int = 5000
     retry_max: float = 5.0
     timeout: float = 5.0
+    lock_ttl: float = 10.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"

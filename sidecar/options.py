@@ -7,9 +7,10 @@ settings object, the ``--help`` text and the errors that name the variable at fa
 from __future__ import annotations
 
 import argparse
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 
@@ -101,10 +102,18 @@ class FromEnv:
 
 
 def redact_url(url: str) -> str:
-    """Return *url* without its user and password, if it is a URL that has them."""
+    """Return *url* without its user and password, if it is a URL that has them.
+
+    A query parameter whose name holds ``pass`` (``password=``, ``sentinel_password=``)
+    loses its value and everything after it, so a password holding ``&`` stays hidden too.
+    """
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     _, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{'***@' if at else ''}{host}" if sep else url
+
+
+_QUERY_PASSWORD = re.compile(r"([?&][^?&=]*pass[^?&=]*=).*", re.IGNORECASE | re.DOTALL)
 
 
 def positive_float(raw: str) -> float:
@@ -131,11 +140,21 @@ def positive_int(raw: str) -> int:
     return value
 
 
-_REDIS_URL_FORMS = "redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB] or unix:///PATH[?db=DB]"
+_SENTINEL_FORM = "redis+sentinel://HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB]"
+_PLAIN_FORMS = "redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB], unix:///PATH[?db=DB]"
+_REDIS_URL_FORMS = f"{_PLAIN_FORMS} or {_SENTINEL_FORM}"
+#: The URL schemes of a Redis found through Sentinel: plain, and TLS to sentinels and master.
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+#: The port of a sentinel the URL names without one.
+SENTINEL_PORT = 26379
+_SENTINEL_QUERY = ("sentinel_username", "sentinel_password", "db")
 
 
 def redis_url(raw: str) -> str:
     """Check a Redis URL, as the Redis clients will read it, and return it unchanged."""
+    if raw.startswith(SENTINEL_SCHEMES):
+        sentinel_target(raw)
+        return raw
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"must be {_REDIS_URL_FORMS}")
     url = urllib.parse.urlsplit(raw)
@@ -156,6 +175,122 @@ def redis_url(raw: str) -> str:
     if db and not (db.isascii() and db.isdigit()):
         raise ValueError(f"the database must be a whole number, not {db!r}")
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A Redis master found through Sentinel, as a ``redis+sentinel://`` URL names it."""
+
+    #: The sentinels to ask (host, port), in the URL's order.
+    sentinels: tuple[tuple[str, int], ...]
+    #: The name the sentinels know the master by.
+    master: str
+    db: int = 0
+    #: AUTH for the master: the URL's user information.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: AUTH for the sentinels: the ``sentinel_username`` and ``sentinel_password`` parameters.
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    #: TLS to the sentinels and to the master (``rediss+sentinel://``).
+    tls: bool = False
+
+
+def sentinel_target(raw: str) -> SentinelTarget:
+    """Parse a ``redis+sentinel://`` or ``rediss+sentinel://`` URL.
+
+    ``[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB][?PARAMS]``: the user
+    information is the master's AUTH, each sentinel's port defaults to 26379, and PARAMS may
+    be ``sentinel_username``, ``sentinel_password`` (the sentinels' AUTH) and ``db``.  Raise
+    ValueError saying what is wrong, never repeating a password.
+    """
+    scheme, _, rest = raw.partition("://")
+    if scheme + "://" not in SENTINEL_SCHEMES:
+        raise ValueError(f"must be {_SENTINEL_FORM}")
+    if "#" in rest:
+        raise ValueError("must not hold '#' (write it as %23)")
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    if "@" in path:
+        raise ValueError("holds '@' after the hosts: write '/' in a password as %2F")
+    userinfo, at, hosts = authority.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        if not colon or not secret:
+            raise ValueError("give the master's password as :PASSWORD@ or USER:PASSWORD@")
+        username, password = urllib.parse.unquote(user) or None, urllib.parse.unquote(secret)
+    if not hosts:
+        raise ValueError(f"names no sentinel host: must be {_SENTINEL_FORM}")
+    sentinels = tuple(_sentinel_address(h) for h in hosts.split(","))
+    master, _, db_text = path.partition("/")
+    master = urllib.parse.unquote(master)
+    if not master:
+        raise ValueError(f"names no master: must be {_SENTINEL_FORM}")
+    if not master.isprintable() or " " in master:
+        raise ValueError("the master's name must not hold spaces or control characters")
+    params = _sentinel_params(query)
+    if db_text and "db" in params:
+        raise ValueError("gives the database twice: in the path and as ?db=")
+    db_text = db_text or params.get("db", "")
+    if db_text and not (db_text.isascii() and db_text.isdigit()):
+        raise ValueError(f"the database must be a whole number, not {db_text!r}")
+    return SentinelTarget(
+        sentinels=sentinels,
+        master=master,
+        db=int(db_text or 0),
+        username=username,
+        password=password,
+        sentinel_username=params.get("sentinel_username"),
+        sentinel_password=params.get("sentinel_password"),
+        tls=scheme == "rediss+sentinel",
+    )
+
+
+def _sentinel_address(raw: str) -> tuple[str, int]:
+    """Parse one ``HOST[:PORT]`` of a sentinel URL's list (an IPv6 address in brackets).
+
+    The errors do not repeat *raw*: a password holding ``/`` or ``?`` lands here.
+    """
+    if not raw:
+        raise ValueError(f"names an empty sentinel host: must be {_SENTINEL_FORM}")
+    if raw.startswith("["):
+        host, bracket, tail = raw[1:].partition("]")
+        if not bracket or not _IPV6.fullmatch(host):
+            raise ValueError("a sentinel's IPv6 address is not [ADDRESS][:PORT]")
+    else:
+        host, _, _ = raw.partition(":")
+        tail = raw[len(host) :]
+        if not _HOST.fullmatch(host):
+            raise ValueError("a sentinel is not HOST[:PORT] (an IPv6 address goes in brackets)")
+    if not tail:
+        return host, SENTINEL_PORT
+    port_text = tail[1:]
+    if tail[0] != ":" or not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError("a sentinel's port must be a number from 1 to 65535")
+    if not 0 < int(port_text) < 65536:
+        raise ValueError("a sentinel's port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+")
+
+
+def _sentinel_params(query: str) -> dict[str, str]:
+    """Parse a sentinel URL's query: each parameter once, ``+`` refused (space or plus?)."""
+    params: dict[str, str] = {}
+    for part in query.split("&") if query else ():
+        name, eq, value = part.partition("=")
+        if not eq or name not in _SENTINEL_QUERY:
+            allowed = ", ".join(_SENTINEL_QUERY)
+            raise ValueError(f"has a query parameter the gate does not read (it reads {allowed})")
+        if name in params:
+            raise ValueError(f"gives {name} twice")
+        if "+" in value:
+            raise ValueError(f"{name}: write + as %2B (some clients read + as a space)")
+        params[name] = urllib.parse.unquote(value)
+    return params
 
 
 def choice(*allowed: str) -> Callable[[str], str]:

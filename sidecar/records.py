@@ -19,6 +19,10 @@ Everything about how a key lives in Redis is decided here and nowhere else:
 ``{prefix}used``
     A sorted set: key id -> the last time (ms) a sidecar saw the key used.  The loader drains
     it into ``last_used_at``.
+``{prefix}loader-lock``
+    The token of the one ``loader run`` that does the work (the active loader), with a Redis
+    expiry it keeps renewing; the other loaders stand by and take it once it is free (see
+    `LOCK_SCRIPT`).  The sidecar never reads it.
 
 ``<hash>`` is the lowercase hex SHA-256 of the whole plaintext key.  The ``{...}`` hash tag puts
 every per-key Redis key in one Redis Cluster slot, so a server-side script may touch them
@@ -141,6 +145,11 @@ class Keyspace:
     def loaded(self) -> str:
         """Return the Redis key that marks a completed full reconcile."""
         return f"{self.prefix}loaded"
+
+    @property
+    def lock(self) -> str:
+        """Return the Redis key naming the active loader (see `LOCK_SCRIPT`)."""
+        return f"{self.prefix}loader-lock"
 
     @property
     def record_pattern(self) -> str:
@@ -429,6 +438,23 @@ DRAIN_USED_SCRIPT = """
 local out = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 redis.call('DEL', KEYS[1])
 return out
+"""
+
+# The loader's lock.  KEYS: lock.  ARGV: token, ttl ms.  Takes the lock for *token* when it is
+# free (as SET NX PX would), or extends it when *token* holds it already; never touches
+# another token's.  Returns the token that holds the lock now.
+LOCK_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"""
+
+# KEYS: lock.  ARGV: token.  Frees the lock only while *token* holds it: returns 1 when it
+# did, 0 when another token (or none) holds it.
+UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 

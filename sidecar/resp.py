@@ -24,7 +24,7 @@ from typing import Any, cast
 import hiredis
 from redis.connection import parse_url
 
-from sidecar.options import redact_url
+from sidecar.options import SENTINEL_SCHEMES, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,15 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         pending = self.pending
+        demoted = False
         try:
             while (reply := self.reader.gets()) is not False:
                 if not pending:
                     self.abort("reply without a request")
                     return
                 waiter = pending.popleft()[0]
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY"):
+                    demoted = True
                 if isinstance(waiter, Tally):
                     waiter.add(reply)
                 elif not waiter.done():
@@ -167,6 +170,9 @@ class Connection(asyncio.Protocol):
                         waiter.set_result(reply)
         except hiredis.ProtocolError as e:
             self.abort(f"protocol error: {e}")
+        if demoted:
+            # A master demoted by a failover: drop it, so the next command finds the master.
+            self.abort("the server is a replica now (READONLY)")
         self.progress.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -211,8 +217,15 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s.
 
     The URL's password (with its user name, if any) is sent with AUTH, its database with
-    SELECT.  Raise `RedisTimeout`, or `RedisUnavailable` naming the URL without its password.
+    SELECT.  A redis+sentinel:// or rediss+sentinel:// URL reaches the master its sentinels
+    name (see `sidecar.sentinel`).  Raise `RedisTimeout`, or `RedisUnavailable` naming the
+    URL without its password.
     """
+    if url.startswith(SENTINEL_SCHEMES):
+        # Imported here: sidecar.sentinel is built on this module.
+        from sidecar.sentinel import connect_master
+
+        return await connect_master(url, connect_timeout=connect_timeout)
     params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
     conn = Connection()
@@ -288,7 +301,7 @@ class RespClient:
 
     async def execute_encoded(self, command: bytes) -> Any:
         """`execute` the *command* encoded by `encode_command` or `encode_bulks`."""
-        if self._conn is None:
+        if self._conn is None or self._conn.error is not None:
             await self._connect()
         fut = self.send_encoded(command)
         if fut is None:
@@ -307,7 +320,7 @@ class RespClient:
     def send_encoded(self, command: bytes, *, flush: bool = False) -> asyncio.Future[Any] | None:
         """`send` the *command* encoded by `encode_command` or `encode_bulks`."""
         conn = self._conn
-        if conn is None:
+        if conn is None or conn.error is not None:  # not connected, or dropped a moment ago
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()

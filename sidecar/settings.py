@@ -69,7 +69,8 @@ OPTIONS = (
         "WACRM_REDIS_URL",
         options.redis_url,
         "redis://127.0.0.1:6379/0",
-        "Redis holding the key records (redis:// or rediss://, or unix:// for a socket)",
+        "Redis holding the key records (redis:// or rediss://, unix:// for a socket, or"
+        " redis+sentinel:// for a master found through Redis Sentinel)",
     ),
     Option(
         "redis_prefix",

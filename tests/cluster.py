@@ -29,9 +29,9 @@ class ClusterNodes:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        cli = procs.find_binary("redis-cli")
         subprocess.run(
-            [procs.find_binary("redis-cli"), "--cluster", "create", *addresses]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
@@ -58,26 +58,8 @@ class ClusterNodes:
     def _node(self, port: int) -> procs.Process:
         folder = self.workdir / f"node-{port}"
         folder.mkdir(parents=True, exist_ok=True)
-        argv = [
-            procs.find_binary("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            str(folder / "nodes.conf"),
-            "--cluster-node-timeout",
-            "2000",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ]
-        return procs.Process(argv, port=port, log=folder / "redis.log")
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf")]
+        return procs.redis_server(folder, port, extra=[*cluster, "--cluster-node-timeout", "2000"])
 
 
 def _free_ports(count: int) -> list[int]:

@@ -165,3 +165,15 @@ async def pg_key(
         scopes if scopes is not None else ["messages:send"],
     )
     return key_id, minted.plaintext, key_hash or minted.key_hash
+
+
+def sqlite_key(path: Path, key_id: str, key_hash: str, *, new_account: bool = False) -> None:
+    """Insert a key with the messages:send scope into the SQLite table at *path*."""
+    with sqlite_db(path) as db:
+        if new_account:
+            db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
+        db.execute(
+            "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"
+            " VALUES (?, 'acct', 'n', 'wacrm_live_abcdefgh', ?, '[\"messages:send\"]')",
+            (key_id, key_hash),
+        )

@@ -17,12 +17,14 @@ import aiohttp
 import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
 
 from demo.procs import free_port
 from loader import runner
-from loader.metrics import LoaderMetrics, MetricsUnavailable, serving
+from loader.metrics import LoaderMetrics, MetricsUnavailable, create_app, serving
 from loader.postgres import parse_payload
+from loader.reconcile import Report
 from loader.settings import Settings
 from loader.source import Changes
 from sidecar.records import Keyspace
@@ -254,3 +256,27 @@ def start_run(tmp_path: Path, redis_server: RedisServer, *flags: str) -> subproc
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+async def test_readyz_tells_the_active_loader_from_a_standby(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """A standby that reaches Redis is ready (it is healthy), and says who is active."""
+    metrics = LoaderMetrics()
+    client = await aiohttp_client(create_app(metrics))
+
+    async def readyz() -> tuple[int, object, float | None]:
+        r = await client.get("/readyz")
+        return r.status, await r.json(), metrics.registry.get_sample_value("wacrm_loader_active")
+
+    assert await readyz() == (503, {"status": "no redis", "role": "standby"}, 0)
+    metrics.standing_by("host:1:ab")
+    assert await readyz() == (200, {"status": "ready", "role": "standby", "active": "host:1:ab"}, 0)
+    metrics.became_active()
+    assert await readyz() == (503, {"status": "not reconciled", "role": "active"}, 1)
+    metrics.reconciled(Report(active=3, seconds=0.1))
+    assert await readyz() == (200, {"status": "ready", "role": "active"}, 1)
+    metrics.failed("redis")
+    assert await readyz() == (503, {"status": "not reconciled", "role": "active"}, 1)
+    metrics.standing_by(None)
+    assert await readyz() == (503, {"status": "no redis", "role": "standby"}, 0)

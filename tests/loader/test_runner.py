@@ -22,7 +22,7 @@ from loader.source import NewKey, SourceUnavailable
 from loader.sqlite import SqliteSource
 from sidecar.records import Keyspace, RateLimit, decode
 from tests.conftest import RedisServer
-from tests.loader.conftest import pg_account, pg_key, settings_for, sqlite_db
+from tests.loader.conftest import pg_account, pg_key, settings_for, sqlite_db, sqlite_key
 
 KS = Keyspace()
 
@@ -131,23 +131,11 @@ async def test_run_follows_sqlite_within_a_second(
     path = tmp_path / "keys.db"
     async with running(settings_for(f"sqlite:///{path}", redis_server)):
         await eventually(lambda: reconciled(redis), 5)
-        _sqlite_key(path, "k1", "a" * 64, new_account=True)
+        sqlite_key(path, "k1", "a" * 64, new_account=True)
         assert await eventually(lambda: present(redis, "a" * 64), 1.0) < 1.0
         with sqlite_db(path) as db:
             db.execute("UPDATE api_keys SET revoked_at = '2025-01-01T00:00:00Z' WHERE id = 'k1'")
         assert await eventually(lambda: _absent(redis, "a" * 64), 1.0) < 1.0
-
-
-def _sqlite_key(path: Path, key_id: str, key_hash: str, *, new_account: bool = False) -> None:
-    """Insert a key with the messages:send scope into the SQLite table at *path*."""
-    with sqlite_db(path) as db:
-        if new_account:
-            db.execute("INSERT INTO accounts (id, name) VALUES ('acct', 'Acme')")
-        db.execute(
-            "INSERT INTO api_keys (id, account_id, name, key_prefix, key_hash, scopes)"
-            " VALUES (?, 'acct', 'n', 'wacrm_live_abcdefgh', ?, '[\"messages:send\"]')",
-            (key_id, key_hash),
-        )
 
 
 async def _absent(redis: Redis, key_hash: str) -> bool:
@@ -200,7 +188,7 @@ async def test_sighup_applies_a_changed_rate_limits_file_and_keeps_a_broken_one_
     metrics = LoaderMetrics()
     async with running(settings, metrics):
         await eventually(lambda: reconciled(redis), 5)
-        _sqlite_key(path, "k1", "b" * 64, new_account=True)
+        sqlite_key(path, "k1", "b" * 64, new_account=True)
         await eventually(lambda: present(redis, "b" * 64), 2)
 
         async def limit() -> RateLimit | None:
@@ -216,7 +204,7 @@ async def test_sighup_applies_a_changed_rate_limits_file_and_keeps_a_broken_one_
         with caplog.at_level(logging.ERROR, logger="loader.runner"):
             os.kill(os.getpid(), signal.SIGHUP)
             await eventually(lambda: _logged(caplog, "reload refused"), 2)
-        _sqlite_key(path, "k2", "c" * 64)  # still following the table, under the old rules
+        sqlite_key(path, "k2", "c" * 64)  # still following the table, under the old rules
         await eventually(lambda: present(redis, "c" * 64), 2)
         assert await limit() == RateLimit(5, 1000)
 
@@ -240,3 +228,41 @@ async def _is(get: Callable[[], Awaitable[object]], expected: object) -> bool:
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records)
+
+
+async def test_run_works_only_while_it_holds_the_loader_lock(
+    tmp_path: Path, redis: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Standing by, `run` writes nothing; once the lock is free it takes it and reconciles in
+    full; when another token takes the lock, its work stops at once."""
+    path = tmp_path / "keys.db"
+    await redis.set(KS.lock, "other", px=60_000)
+    metrics = LoaderMetrics()
+    settings = settings_for(f"sqlite:///{path}", redis_server, lock_ttl=1.0)
+    with caplog.at_level(logging.INFO, logger="loader"):
+        async with running(settings, metrics):
+            await eventually(lambda: _standing_by_for(metrics, "other"), 2)
+            await asyncio.sleep(0.3)
+            assert await redis.exists(KS.loaded) == 0, "a standby does not reconcile"
+            assert not metrics.is_active and not path.exists()
+
+            await redis.delete(KS.lock)  # the other loader stopped cleanly
+            await eventually(lambda: reconciled(redis), 3)
+            assert metrics.is_active and metrics.ready
+
+            await redis.set(KS.lock, "other", px=60_000)  # another loader took it
+            await eventually(lambda: _standing_by_for(metrics, "other"), 1)
+            sqlite_key(path, "k1", "d" * 64, new_account=True)
+            await asyncio.sleep(0.5)
+            assert not await present(redis, "d" * 64), "no work without the lock"
+
+            await redis.delete(KS.lock)
+            await eventually(lambda: present(redis, "d" * 64), 3)  # taken back, reconciled
+    assert await redis.exists(KS.lock) == 0, "freed on a clean stop"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("standby: another loader (token other) is active") == 2
+    assert any("another loader (token other) holds the loader lock" in m for m in messages)
+
+
+async def _standing_by_for(metrics: LoaderMetrics, token: str) -> bool:
+    return not metrics.is_active and metrics.active_token == token

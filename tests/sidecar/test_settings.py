@@ -60,6 +60,9 @@ def test_bad_flag_names_the_flag() -> None:
         "unix:///run/redis/redis.sock",
         "unix:///run/redis/redis.sock?db=1",
         "unix://:secret@/run/redis/redis.sock?db=0",
+        "redis+sentinel://127.0.0.1:26379,127.0.0.2:26379,127.0.0.3:26379/gate",
+        "redis+sentinel://:secret@sentinel-1,sentinel-2/gate/2?sentinel_password=other",
+        "rediss+sentinel://gate:s%2Fcret@[::1]:26379/main?db=3&sentinel_username=u&sentinel_password=p",
     ],
 )
 def test_redis_urls_the_clients_read_are_accepted(url: str) -> None:
@@ -84,6 +87,26 @@ def test_redis_urls_the_clients_read_are_accepted(url: str) -> None:
         ("unix://", "unix:///PATH"),
         ("unix://redis.sock", "unix:///PATH"),
         ("unix:///run/redis.sock?db=x", "database must be a whole number"),
+        ("REDIS+SENTINEL://h/gate", "must be redis://HOST"),
+        ("redis+sentinel://h1,h2", "names no master"),
+        ("redis+sentinel://h1,h2/", "names no master"),
+        ("redis+sentinel:///gate", "names no sentinel host"),
+        ("redis+sentinel://:secret@/gate", "names no sentinel host"),
+        ("redis+sentinel://h1,,h2/gate", "names an empty sentinel host"),
+        ("redis+sentinel://h1:0/gate", "port must be a number from 1 to 65535"),
+        ("redis+sentinel://h1,h2:26379x/gate", "port must be a number from 1 to 65535"),
+        ("redis+sentinel://h1:65536/gate", "port must be a number from 1 to 65535"),
+        ("redis+sentinel://::1/gate", "an IPv6 address goes in brackets"),
+        ("redis+sentinel://[::1/gate", "IPv6 address is not [ADDRESS][:PORT]"),
+        ("redis+sentinel://h/gate/one", "database must be a whole number, not 'one'"),
+        ("redis+sentinel://h/gate/0/1", "database must be a whole number, not '0/1'"),
+        ("redis+sentinel://h/gate?db=x", "database must be a whole number, not 'x'"),
+        ("redis+sentinel://h/gate/1?db=1", "gives the database twice"),
+        ("redis+sentinel://h/gate?sentinel_pasword=x", "query parameter the gate does not read"),
+        ("redis+sentinel://h/gate?sentinel_password=a&sentinel_password=b", "twice"),
+        ("redis+sentinel://h/gate?sentinel_password=a+b", "write + as %2B"),
+        ("redis+sentinel://secret@h/gate", "give the master's password as :PASSWORD@"),
+        ("redis+sentinel://h/ga te", "must not hold spaces"),
     ],
 )
 def test_a_bad_redis_url_is_refused_naming_the_variable(url: str, why: str) -> None:
@@ -100,3 +123,24 @@ def test_a_bad_redis_url_is_named_without_its_password() -> None:
     message = str(caught.value)
     assert message.startswith("WACRM_REDIS_URL='redis://***@host:99999/0':")
     assert "s3cret" not in message
+
+
+def test_a_bad_sentinel_url_is_named_without_its_passwords() -> None:
+    url = "redis+sentinel://:m-s3cret@h1:99999,h2/gate?sentinel_password=s-s3cret&db=0"
+    with pytest.raises(SettingError) as caught:
+        Settings.from_env({"WACRM_REDIS_URL": url})
+    message = str(caught.value)
+    shown = "redis+sentinel://***@h1:99999,h2/gate?sentinel_password=***"
+    assert (
+        message == f"WACRM_REDIS_URL={shown!r}: a sentinel's port must be a number from 1 to 65535"
+    )
+    assert "s3cret" not in message
+
+
+def test_a_password_holding_a_slash_is_never_repeated_in_the_error() -> None:
+    """A raw / in the password cuts the URL early: the error must not show the rest."""
+    with pytest.raises(SettingError) as caught:
+        Settings.from_env({"WACRM_REDIS_URL": "redis+sentinel://:k7q/zq9x@h1/gate"})
+    message = str(caught.value)
+    assert "k7q" not in message and "zq9x" not in message
+    assert message.endswith("write '/' in a password as %2F")
