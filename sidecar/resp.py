@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between a command's deadline and the second look that fails it.
 _SECOND_LOOK = 0.01
+#: Least seconds between two attempts of a client to connect: an outage costs Redis (or its
+#: sentinels) a few connections a second, not one per request.
+RECONNECT_PAUSE = 0.05
 
 
 class RedisError(Exception):
@@ -294,6 +297,7 @@ class RespClient:
         self._connecting: asyncio.Future[Connection] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._suspect: Waiter | None = None
+        self._last_attempt = -RECONNECT_PAUSE
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
@@ -380,6 +384,10 @@ class RespClient:
             self._conn = fut.result()
 
     async def _open(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        if (wait := self._last_attempt + RECONNECT_PAUSE - loop.time()) > 0:
+            await asyncio.sleep(wait)  # the commands asking meanwhile wait for this attempt
+        self._last_attempt = loop.time()
         started = time.monotonic()
         conn = await connect(self.url, connect_timeout=self.timeout)
         await refuse_cluster(conn, self.url, within=self.timeout)
