@@ -20,7 +20,6 @@ from sidecar.resp import (
     Tally,
     connect,
     encode_command,
-    refuse_cluster,
 )
 
 #: At most this many commands are sent and not yet answered; the sender waits beyond it.
@@ -65,9 +64,7 @@ class Pipe:
     @classmethod
     async def open(cls, url: str, *, connect_timeout: float) -> Pipe:
         """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s."""
-        conn = await connect(url, connect_timeout=connect_timeout)
-        await refuse_cluster(conn, url, within=connect_timeout)
-        return cls(conn)
+        return cls(await connect(url, connect_timeout=connect_timeout))
 
     async def call(self, *args: Arg) -> Any:
         """Send one command and return its reply; raise `RedisError` on an error reply."""

@@ -128,10 +128,9 @@ def _nginx_form(denial: Denial) -> tuple[int, Headers]:
     WWW-Authenticate from a 401 by itself; on a 403 the snippet adds it from X-Wacrm-Challenge.
     """
     status = denial.status if denial.status in (401, 403, 500, 503) else 403
-    headers: Headers = ((STATUS_HEADER, str(denial.status)), (ERROR_HEADER, denial.body.decode()))
-    if denial.challenge is not None:
-        name = AUTHENTICATE_HEADER if status == 401 else CHALLENGE_HEADER
-        headers += ((name, denial.challenge),)
-    if denial.retry_after is not None:
-        headers += ((RETRY_AFTER_HEADER, str(denial.retry_after)),)
-    return status, headers
+    carried: Headers = ((STATUS_HEADER, str(denial.status)), (ERROR_HEADER, denial.body.decode()))
+    own = tuple(
+        (CHALLENGE_HEADER if name == AUTHENTICATE_HEADER and status != 401 else name, value)
+        for name, value in _denial_headers(denial)
+    )
+    return status, (*carried, *own)

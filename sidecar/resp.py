@@ -220,9 +220,9 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s.
 
     The URL's password (with its user name, if any) is sent with AUTH, its database with
-    SELECT.  A redis+sentinel:// or rediss+sentinel:// URL reaches the master its sentinels
-    name (see `sidecar.sentinel`).  Raise `RedisTimeout`, or `RedisUnavailable` naming the
-    URL without its password.
+    SELECT; a node of a Redis Cluster is refused.  A redis+sentinel:// or rediss+sentinel://
+    URL reaches the master its sentinels name (see `sidecar.sentinel`).  Raise
+    `RedisTimeout`, or `RedisUnavailable` naming the URL without its password.
     """
     if url.startswith(SENTINEL_SCHEMES):
         # Imported here: sidecar.sentinel is built on this module.
@@ -252,6 +252,7 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
                 conn.send(encode_command(("SELECT", int(params["db"]))), setup[-1])
             conn.flush()
             await asyncio.gather(*setup)
+            await _refuse_cluster(conn)
     except TimeoutError as e:
         conn.abort("connect timed out")
         raise RedisTimeout(f"cannot connect to Redis at {where}: timed out") from e
@@ -263,27 +264,21 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     return conn
 
 
-async def refuse_cluster(conn: Connection, url: str, *, within: float) -> None:
-    """Raise `RedisUnavailable`, closing *conn*, when the server at *url* is a Cluster node.
+async def _refuse_cluster(conn: Connection) -> None:
+    """Raise `RedisUnavailable` when the server on *conn* is a node of a Redis Cluster.
 
     The gate reads and writes many keys in one call, which a Redis Cluster refuses across
     slots: until the gate speaks Cluster, it says so rather than fail key by key.  A server
-    that refuses INFO (a managed Redis may rename it) is taken as it is.  Raise
-    `RedisTimeout` when the server does not answer *within* seconds.
+    that refuses INFO (a managed Redis may rename it) is taken as it is.
     """
     try:
-        async with asyncio.timeout(within):
-            info = await conn.call("INFO", "cluster")
+        info = await conn.call("INFO", "cluster")
     except ReplyError:
         return
-    except TimeoutError:
-        conn.abort("INFO timed out")
-        raise RedisTimeout(f"Redis at {redact_url(url)} did not answer INFO in time") from None
     if b"cluster_enabled:1" in info:
-        conn.close()
         raise RedisUnavailable(
-            f"Redis at {redact_url(url)} is a node of a Redis Cluster, which the gate does not"
-            " support yet: point it at one Redis server (with replicas if you like)"
+            "it is a node of a Redis Cluster, which the gate does not support yet: point it"
+            " at one Redis server (with replicas if you like)"
         )
 
 
@@ -340,7 +335,6 @@ class RespClient:
             self._watchdog = None
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.fail("client closed")
             conn.close()
 
     def _check(self) -> None:
@@ -390,7 +384,6 @@ class RespClient:
         self._last_attempt = loop.time()
         started = time.monotonic()
         conn = await connect(self.url, connect_timeout=self.timeout)
-        await refuse_cluster(conn, self.url, within=self.timeout)
         conn.on_lost(self._lost)
         log.debug("connected to redis in %.1f ms", (time.monotonic() - started) * 1000)
         return conn
