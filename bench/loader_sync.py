@@ -10,6 +10,13 @@ Measures, each with the loader as a subprocess (``python -m loader sync``):
 
 Usage: ``.venv/bin/python -m bench.loader_sync [--keys N] [--pg DSN]``; it creates (and
 drops) a database ``wacrm_bench`` next to the one *--pg* names and runs its own redis-server.
+
+``--cluster`` runs each step once more into a fresh 3-master Redis Cluster (no replicas, on
+loopback: `tests.cluster.ClusterNodes`), right after the same step into the one redis-server,
+and prints the two side by side (Redis memory summed over the masters).  ``--rounds N``
+repeats the three steps N times (3 with ``--cluster``, else 1), each round into fresh servers
+after the last round's churn is undone, the order of the runs rotated each round; the figures
+are medians over the rounds (the peak RSS the highest).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +32,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import asyncpg
 from redis import Redis
@@ -35,6 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "tests" / "loader" / "wacrm_schema.sql"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE = "wacrm_bench"
+#: The masters of the Cluster that ``--cluster`` syncs into.
+MASTERS = 3
+STEPS = ("full sync into empty Redis:", "reconcile, nothing changed:", "reconcile, 1% changed:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,32 @@ class Run:
     cpu: float
     peak_rss_mb: float
     status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one loader syncs to: the checkout *tree*, into one redis-server or a Cluster."""
+
+    tree: Path
+    cluster: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """Redis memory a full sync took (used_memory, summed over the nodes), and the records."""
+
+    used: int
+    records: int
+    #: The records after the churn's reconcile.
+    records_after: int
+
+    @property
+    def per_key(self) -> float:
+        return self.used / max(self.records, 1)
+
+
+class _Servers(Protocol):
+    def stop(self) -> object: ...
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,67 +104,189 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run the loader of this checkout (a git worktree of another commit), each"
         " step right after this one's, into a Redis of its own",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"also run this checkout's loader into a fresh {MASTERS}-master Redis Cluster,"
+        " each step right after the one into the single Redis",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="run the steps this many times, into fresh servers (default 3 with --cluster, else 1)",
+    )
     args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.cluster else 1)
     if args.reuse:
         dsn = pg.with_database(args.pg, DATABASE)
         asyncio.run(_restore(dsn))
     else:
         dsn = asyncio.run(_fill(args.pg, args.keys, args.accounts))
     trees = [ROOT, *(t.resolve() for t in args.tree)]
-    steps = ("full sync into empty Redis:", "reconcile, nothing changed:", "reconcile, 1% changed:")
-    runs: dict[Path, list[Run]] = {tree: [] for tree in trees}
-    memory: dict[Path, tuple[float, int, int]] = {}
-    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
-        servers = []
-        for i in range(len(trees)):
-            (Path(tmp) / str(i)).mkdir()
-            servers.append(procs.redis_server(Path(tmp) / str(i)))
-            servers[-1].start()
-        try:
-            urls = {t: f"redis://127.0.0.1:{s.port}/0" for t, s in zip(trees, servers, strict=True)}
-            clients = {tree: Redis.from_url(url) for tree, url in urls.items()}
-            before = {tree: int(c.info("memory")["used_memory"]) for tree, c in clients.items()}
-            for step in range(len(steps)):
-                if step == 2:
-                    asyncio.run(_churn(dsn, args.keys // 100))
-                for tree in trees:
-                    runs[tree].append(_loader(dsn, urls[tree], tree))
-                    if step == 0:
-                        client = clients[tree]
-                        after = int(client.info("memory")["used_memory"])
-                        count = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
-                        memory[tree] = ((after - before[tree]) / max(count, 1), count, 0)
-            for tree, client in clients.items():
-                count = sum(1 for _ in client.scan_iter("wacrm:key:*", count=10000))
-                memory[tree] = (memory[tree][0], memory[tree][1], count)
-                client.close()
-        finally:
-            for server in servers:
-                server.stop()
+    targets = [Target(tree) for tree in trees] + ([Target(ROOT, True)] if args.cluster else [])
+    runs: dict[Target, list[list[Run]]] = {t: [[] for _ in STEPS] for t in targets}
+    memory: dict[Target, list[Memory]] = {t: [] for t in targets}
+    for r in range(rounds):
+        if r:
+            asyncio.run(_restore(dsn))
+        shift = r % len(targets)
+        _round(dsn, args.keys, targets[shift:] + targets[:shift], runs, memory)
     if not args.keep:
         asyncio.run(pg.drop(args.pg, DATABASE))
     print(f"keys in PostgreSQL:              {args.keys:,} ({args.accounts} accounts)")
     print(f"machine load average (1 min):    {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for tree in trees:
-        per_key, records, records_after = memory[tree]
-        print(f"\n{_name(tree)}")
-        print(f"records in Redis after sync:     {records:,} (after churn: {records_after:,})")
-        for label, run, target in zip(
-            steps, runs[tree], (" (target <= 15 s)", " (target <= 10 s)", ""), strict=True
+    if rounds > 1:
+        print(f"rounds:                          {rounds} (medians; peak RSS: the highest)")
+    for target in targets:
+        mem = memory[target]
+        records = _median([m.records for m in mem])
+        records_after = _median([m.records_after for m in mem])
+        print(f"\n{_label(target)}")
+        print(
+            f"records in Redis after sync:     {records:,.0f} (after churn: {records_after:,.0f})"
+        )
+        for label, step_runs, target_s in zip(
+            STEPS, runs[target], (" (target <= 15 s)", " (target <= 10 s)", ""), strict=True
         ):
-            print(f"{label:32} {run.seconds:6.2f} s{target}; loader CPU {run.cpu:.1f} s")
-        peak = max(r.peak_rss_mb for r in runs[tree])
+            seconds, cpu = _seconds(step_runs), _median([r.cpu for r in step_runs])
+            print(f"{label:32} {seconds:6.2f} s{target_s}; loader CPU {cpu:.1f} s")
+        peak = max(r.peak_rss_mb for step_runs in runs[target] for r in step_runs)
         print(f"loader peak RSS:                 {peak:.0f} MB (target <= 400 MB)")
-        print(f"Redis memory per key:            {per_key:.0f} bytes")
+        print(f"Redis memory per key:            {_median([m.per_key for m in mem]):.0f} bytes")
     if len(trees) > 1:
         print("\nthis tree against each other, seconds (ratio < 1: this tree is faster)")
         for tree in trees[1:]:
             ratios = "  ".join(
-                f"{a.seconds / b.seconds:.2f}x" for a, b in zip(runs[ROOT], runs[tree], strict=True)
+                f"{_seconds(a) / _seconds(b):.2f}x"
+                for a, b in zip(runs[Target(ROOT)], runs[Target(tree)], strict=True)
             )
             print(f"  against {_name(tree)}: full, nothing changed, 1% changed: {ratios}")
-    ok = all(r.status == 0 for tree_runs in runs.values() for r in tree_runs)
-    return 0 if ok else 1
+    if args.cluster:
+        _print_cluster(runs[Target(ROOT)], runs[Target(ROOT, True)], memory, rounds)
+    failed = [
+        f"{_label(t)}: {label} exited with {r.status}"
+        for t, target_runs in runs.items()
+        for label, step_runs in zip(STEPS, target_runs, strict=True)
+        for r in step_runs
+        if r.status != 0
+    ]
+    for line in failed:
+        print(f"FAILED: {line}")
+    return 1 if failed else 0
+
+
+def _round(
+    dsn: str,
+    keys: int,
+    targets: list[Target],
+    runs: dict[Target, list[list[Run]]],
+    memory: dict[Target, list[Memory]],
+) -> None:
+    """Run the three steps once, each target into fresh servers of its own, in *targets*' order."""
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        servers: list[_Servers] = []
+        try:
+            nodes: dict[Target, list[int]] = {}
+            for i, target in enumerate(targets):
+                (Path(tmp) / str(i)).mkdir()
+                if target.cluster:
+                    from tests.cluster import ClusterNodes  # the tests' helper, as the tests use it
+
+                    cluster = ClusterNodes(Path(tmp) / str(i), masters=MASTERS, replicas=0)
+                    servers.append(cluster)
+                    cluster.start()
+                    nodes[target] = cluster.master_ports()
+                else:
+                    server = procs.redis_server(Path(tmp) / str(i))
+                    servers.append(server)
+                    server.start()
+                    nodes[target] = [server.port]
+            urls = {t: f"redis://127.0.0.1:{ports[0]}/0" for t, ports in nodes.items()}
+            clients = {t: [Redis(port=p) for p in ports] for t, ports in nodes.items()}
+            before = {t: _used_memory(c) for t, c in clients.items()}
+            used: dict[Target, int] = {}
+            records: dict[Target, int] = {}
+            for step in range(len(STEPS)):
+                if step == 2:
+                    asyncio.run(_churn(dsn, keys // 100))
+                for target in targets:
+                    runs[target][step].append(_loader(dsn, urls[target], target.tree))
+                    if step == 0:
+                        used[target] = _used_memory(clients[target]) - before[target]
+                        records[target] = _records(clients[target])
+            for target, nodes_clients in clients.items():
+                memory[target].append(
+                    Memory(used[target], records[target], _records(nodes_clients))
+                )
+                for client in nodes_clients:
+                    client.close()
+        finally:
+            for s in servers:
+                s.stop()
+
+
+def _used_memory(clients: list[Redis]) -> int:
+    """Return the used_memory of the nodes of *clients*, summed."""
+    return sum(int(c.info("memory")["used_memory"]) for c in clients)
+
+
+def _records(clients: list[Redis]) -> int:
+    """Count the records on the nodes of *clients* (each Cluster master holds its own)."""
+    return sum(sum(1 for _ in c.scan_iter("wacrm:key:*", count=10000)) for c in clients)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _seconds(step_runs: Sequence[Run]) -> float:
+    return _median([r.seconds for r in step_runs])
+
+
+def _label(target: Target) -> str:
+    if target.cluster:
+        return f"{_name(target.tree)}, into a {MASTERS}-master Redis Cluster"
+    return _name(target.tree)
+
+
+def _print_cluster(
+    single: list[list[Run]],
+    cluster: list[list[Run]],
+    memory: dict[Target, list[Memory]],
+    rounds: int,
+) -> None:
+    """Print this checkout's runs into the one redis-server and into the Cluster side by side."""
+    print(
+        f"\none redis-server against a {MASTERS}-master Redis Cluster, this checkout"
+        f" ({f'median of {rounds} rounds' if rounds > 1 else '1 round'};"
+        " x = Cluster / single; RSS: the loader's peak)"
+    )
+    print()
+    header = (
+        f"| {'step':26} | {'single s':>8} | {'Cluster s':>9} | {'x':>5} |"
+        f" {'single CPU s':>12} | {'Cluster CPU s':>13} | {'x':>5} |"
+        f" {'single RSS MB':>13} | {'Cluster RSS MB':>14} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for label, a, b in zip(STEPS, single, cluster, strict=True):
+        a_s, b_s = _seconds(a), _seconds(b)
+        a_cpu, b_cpu = _median([r.cpu for r in a]), _median([r.cpu for r in b])
+        a_rss, b_rss = max(r.peak_rss_mb for r in a), max(r.peak_rss_mb for r in b)
+        print(
+            f"| {label.rstrip(':'):26} | {a_s:8.2f} | {b_s:9.2f} | {b_s / a_s:5.2f} |"
+            f" {a_cpu:12.1f} | {b_cpu:13.1f} | {b_cpu / a_cpu:5.2f} |"
+            f" {a_rss:13.0f} | {b_rss:14.0f} |"
+        )
+    print()
+    alone, nodes = memory[Target(ROOT)], memory[Target(ROOT, True)]
+    a_key, b_key = _median([m.per_key for m in alone]), _median([m.per_key for m in nodes])
+    a_mb, b_mb = _median([m.used for m in alone]) / 2**20, _median([m.used for m in nodes]) / 2**20
+    print(
+        f"Redis memory of the full sync (used_memory, Cluster: summed over its {MASTERS} masters):"
+        f" single {a_mb:.0f} MiB, {a_key:.0f} bytes a key; Cluster {b_mb:.0f} MiB,"
+        f" {b_key:.0f} bytes a key ({b_key / a_key:.2f}x)"
+    )
 
 
 def _name(tree: Path) -> str:

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from loader.mirror import REDIS_ERRORS
-from loader.pipe import Pipe
+from loader.pipe import ClusterPipe, Pipe, open_pipe
 from sidecar.records import LOCK_SCRIPT, UNLOCK_SCRIPT, Keyspace
+from sidecar.slots import key_slot
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Lock:
     ) -> None:
         self.url = url
         self.key = keyspace.lock
+        self._slot = key_slot(self.key)
         self.ttl = ttl
         self.timeout = timeout
         self.token = token or new_token()
@@ -64,7 +66,7 @@ class Lock:
         self._renewed = 0.0
         #: Whether an attempt to take the lock went unanswered: it may be ours.
         self._unsure = False
-        self._pipe: Pipe | None = None
+        self._pipe: Pipe | ClusterPipe | None = None
 
     async def take(self, *, within: float | None = None) -> str:
         """Try once to take the lock, or extend it if held; return the token holding it now.
@@ -175,9 +177,9 @@ class Lock:
         try:
             if self._pipe is None:
                 # Half for the connection, half for its check (INFO): all of it within time.
-                self._pipe = await Pipe.open(self.url, connect_timeout=within / 2)
+                self._pipe = await open_pipe(self.url, connect_timeout=within / 2)
             async with asyncio.timeout_at(end):
-                return await self._pipe.call(*args)
+                return await self._pipe.call(*args, slot=self._slot)
         except BaseException:
             # Unanswered or cancelled: the connection's state is unknown, so start afresh.
             await self.close()  # does not suspend, so it completes even when cancelled

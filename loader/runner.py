@@ -20,6 +20,7 @@ from loader.rows import KeyRules
 from loader.settings import Settings
 from loader.source import ChangeFeed, Source, SourceUnavailable, open_source
 from sidecar.records import Keyspace
+from sidecar.resp import RedisUnavailable
 from sidecar.routes import PolicyError, load_policy
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ async def _watch_loop(settings: Settings, mirror: Mirror, state: _State) -> None
     """Notice that Redis lost its data (restart without persistence, failover, flush)."""
     while True:
         await asyncio.sleep(settings.poll_interval)
+        if (problem := await mirror.problem()) is not None:
+            raise RedisUnavailable(problem)  # not ready: the session starts again, later
         if state.reconciling or state.due.is_set():
             continue
         if not await mirror.is_loaded():

@@ -48,7 +48,7 @@ OPTIONS = (
     Option(
         "redis_prefix",
         "WACRM_REDIS_PREFIX",
-        str,
+        options.redis_prefix,
         DEFAULT_PREFIX,
         "prefix of every Redis key the gate uses; must match the sidecar's",
     ),

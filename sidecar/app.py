@@ -141,8 +141,8 @@ class Gate:
         return answers.json(200, b'{"status":"ok"}')
 
     async def readyz(self, request: web.BaseRequest) -> web.Response:
-        """Tell whether Redis answers, so the sidecar can take traffic."""
-        if await self.verifier.store.ping():
+        """Tell whether Redis answers (a Cluster: all of it), so the sidecar can take traffic."""
+        if await self.verifier.store.problem() is None:
             return answers.json(200, b'{"status":"ready"}')
         return answers.json(503, b'{"status":"redis unavailable"}', (("Retry-After", "1"),))
 

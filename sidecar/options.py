@@ -140,6 +140,13 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def redis_prefix(raw: str) -> str:
+    """Parse the prefix of the gate's Redis keys: no braces, which would move a Cluster's slots."""
+    if "{" in raw or "}" in raw:
+        raise ValueError("may not hold { or }: the key hash is each Redis key's hash tag")
+    return raw
+
+
 _SENTINEL_FORM = "redis+sentinel://HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB]"
 _PLAIN_FORMS = "redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB], unix:///PATH[?db=DB]"
 _REDIS_URL_FORMS = f"{_PLAIN_FORMS} or {_SENTINEL_FORM}"

@@ -16,6 +16,11 @@ Everything about how a key lives in Redis is decided here and nowhere else:
     one completed.  Absent, Redis lost its data (or was never loaded): the loader reloads it.
     Absent or ``0``, Redis holds no finished load, so a key without a record may be a valid
     key not loaded yet: the sidecar refuses it with 503 (an outage), not 401.
+``{prefix}loaded:{<tag>}``
+    In a Redis Cluster, the same mark once for each of its 16,384 slots, *tag* being one that
+    lands in the slot (`sidecar.slots.slot_tags`): a check reads the mark of its own key's
+    slot in the same call as the record, the marks move with their slots when the Cluster is
+    resharded, and a node that restarts empty loses the marks of exactly its own slots.
 ``{prefix}used``
     A sorted set: key id -> the last time (ms) a sidecar saw the key used.  The loader drains
     it into ``last_used_at``.
@@ -26,7 +31,8 @@ Everything about how a key lives in Redis is decided here and nowhere else:
 
 ``<hash>`` is the lowercase hex SHA-256 of the whole plaintext key.  The ``{...}`` hash tag puts
 every per-key Redis key in one Redis Cluster slot, so a server-side script may touch them
-together.  The prefix lets several deployments share one Redis.
+together; so the prefix holds no ``{`` or ``}``.  The prefix lets several deployments share
+one Redis.
 
 Every write carries a *version*: the Redis server time, in milliseconds, taken *before* the
 source was read.  A write or delete only applies when its version is not older than what Redis
@@ -41,6 +47,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
+
+from sidecar.slots import slot_tags
 
 DEFAULT_PREFIX = "wacrm:"
 #: The length of a key hash: lowercase hex SHA-256.
@@ -145,6 +153,10 @@ class Keyspace:
     def loaded(self) -> str:
         """Return the Redis key that marks a completed full reconcile."""
         return f"{self.prefix}loaded"
+
+    def loaded_in(self, slot: int) -> str:
+        """Return the Redis key of the loaded mark of Redis Cluster slot *slot* (see above)."""
+        return f"{self.prefix}loaded:{{{slot_tags()[slot]}}}"
 
     @property
     def lock(self) -> str:

@@ -19,12 +19,15 @@ import collections
 import logging
 import ssl
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
 from redis.connection import parse_url
 
 from sidecar.options import SENTINEL_SCHEMES, redact_url
+
+if TYPE_CHECKING:
+    from sidecar.cluster import ClusterClient
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class Connection(asyncio.Protocol):
         self._outbox: list[bytes] = []
         self._writable = True
         self._on_lost: list[Any] = []
+        #: Whether the server is a node of a Redis Cluster (``INFO cluster``), set by `connect`.
+        self.cluster_enabled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -220,7 +225,8 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     """Connect to the Redis at *url* (redis://, rediss://, unix://) in *connect_timeout* s.
 
     The URL's password (with its user name, if any) is sent with AUTH, its database with
-    SELECT; a node of a Redis Cluster is refused.  A redis+sentinel:// or rediss+sentinel://
+    SELECT; the connection's `Connection.cluster_enabled` tells whether the server is a node
+    of a Redis Cluster.  A redis+sentinel:// or rediss+sentinel://
     URL reaches the master its sentinels name (see `sidecar.sentinel`).  Raise
     `RedisTimeout`, or `RedisUnavailable` naming the URL without its password.
     """
@@ -252,7 +258,7 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
                 conn.send(encode_command(("SELECT", int(params["db"]))), setup[-1])
             conn.flush()
             await asyncio.gather(*setup)
-            await _refuse_cluster(conn)
+            conn.cluster_enabled = await _in_cluster(conn)
     except TimeoutError as e:
         conn.abort("connect timed out")
         raise RedisTimeout(f"cannot connect to Redis at {where}: timed out") from e
@@ -264,60 +270,82 @@ async def connect(url: str, *, connect_timeout: float) -> Connection:
     return conn
 
 
-async def _refuse_cluster(conn: Connection) -> None:
-    """Raise `RedisUnavailable` when the server on *conn* is a node of a Redis Cluster.
+async def _in_cluster(conn: Connection) -> bool:
+    """Tell whether the server on *conn* is a node of a Redis Cluster.
 
-    The gate reads and writes many keys in one call, which a Redis Cluster refuses across
-    slots: until the gate speaks Cluster, it says so rather than fail key by key.  A server
-    that refuses INFO (a managed Redis may rename it) is taken as it is.
+    A server that refuses INFO (a managed Redis may rename it) is taken as a plain one.
     """
     try:
         info = await conn.call("INFO", "cluster")
     except ReplyError:
-        return
-    if b"cluster_enabled:1" in info:
-        raise RedisUnavailable(
-            "it is a node of a Redis Cluster, which the gate does not support yet: point it"
-            " at one Redis server (with replicas if you like)"
-        )
+        return False
+    return b"cluster_enabled:1" in info
 
 
 class RespClient:
-    """Send commands to the Redis at *url* over one pipelined connection, reconnecting."""
+    """Send commands to the Redis at *url* over one pipelined connection, reconnecting.
 
-    def __init__(self, url: str, *, timeout: float) -> None:
+    When that Redis is a node of a Redis Cluster, the client finds it out on connecting and
+    from then on sends each command to the master of its slot (see `sidecar.cluster`), which
+    the caller names with *slot*.  A *cluster_node* client talks to its node only.
+    """
+
+    def __init__(self, url: str, *, timeout: float, cluster_node: bool = False) -> None:
         self.url = url
         self.timeout = timeout
+        #: The Cluster behind *url*, once connecting found one.
+        self.cluster: ClusterClient | None = None
+        self._cluster_node = cluster_node
         self._conn: Connection | None = None
-        self._connecting: asyncio.Future[Connection] | None = None
+        self._connecting: asyncio.Future[Connection | None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._suspect: Waiter | None = None
         self._last_attempt = -RECONNECT_PAUSE
 
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`."""
-        return await self.execute_encoded(encode_command(args))
+    @property
+    def connected(self) -> bool:
+        """Tell whether commands can be sent now, without connecting first."""
+        conn = self._conn
+        return self.cluster is not None or (conn is not None and conn.error is None)
 
-    async def execute_encoded(self, command: bytes) -> Any:
-        """`execute` the *command* encoded by `encode_command` or `encode_bulks`."""
-        if self._conn is None or self._conn.error is not None:
+    async def connect(self) -> None:
+        """Connect, unless connected; raise `RedisUnavailable` if that fails."""
+        if not self.connected:
             await self._connect()
-        fut = self.send_encoded(command)
+
+    async def execute(self, *args: Arg, slot: int | None = None) -> Any:
+        """Send one command and return its reply; raise `RedisUnavailable` or `ReplyError`.
+
+        *slot* is the Cluster slot of the command's keys; in a Cluster, a command without one
+        goes to the master of slot 0.
+        """
+        return await self.execute_encoded(encode_command(args), slot=slot)
+
+    async def execute_encoded(self, command: bytes, *, slot: int | None = None) -> Any:
+        """`execute` the *command* encoded by `encode_command` or `encode_bulks`."""
+        await self.connect()
+        fut = self.send_encoded(command, slot=slot)
         if fut is None:
             raise RedisUnavailable("connection lost")
         return await fut
 
-    def send(self, *args: Arg, flush: bool = False) -> asyncio.Future[Any] | None:
+    def send(
+        self, *args: Arg, flush: bool = False, slot: int | None = None
+    ) -> asyncio.Future[Any] | None:
         """Send one command on the open connection and return the future of its reply.
 
         The command is written when the event loop turns over, with the others of this tick;
         *flush* writes it (and any waiting) now.  Return None, sending nothing, when no
-        connection is open.
+        connection is open.  *slot* is as for `execute`.
         """
-        return self.send_encoded(encode_command(args), flush=flush)
+        return self.send_encoded(encode_command(args), flush=flush, slot=slot)
 
-    def send_encoded(self, command: bytes, *, flush: bool = False) -> asyncio.Future[Any] | None:
+    def send_encoded(
+        self, command: bytes, *, flush: bool = False, slot: int | None = None
+    ) -> asyncio.Future[Any] | None:
         """`send` the *command* encoded by `encode_command` or `encode_bulks`."""
+        if self.cluster is not None:
+            return self.cluster.send_encoded(command, 0 if slot is None else slot)
         conn = self._conn
         if conn is None or conn.error is not None:  # not connected, or dropped a moment ago
             return None
@@ -336,6 +364,8 @@ class RespClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        if self.cluster is not None:
+            await self.cluster.aclose()
 
     def _check(self) -> None:
         """Fail everything in flight if the oldest command waited longer than the timeout.
@@ -366,24 +396,38 @@ class RespClient:
         if self._conn is conn:
             self._conn = None
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> Connection | None:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
 
-    def _connected(self, fut: asyncio.Future[Connection]) -> None:
+    def _connected(self, fut: asyncio.Future[Connection | None]) -> None:
         self._connecting = None
         if not fut.cancelled() and fut.exception() is None:
             self._conn = fut.result()
 
-    async def _open(self) -> Connection:
+    async def _open(self) -> Connection | None:
         loop = asyncio.get_running_loop()
         if (wait := self._last_attempt + RECONNECT_PAUSE - loop.time()) > 0:
             await asyncio.sleep(wait)  # the commands asking meanwhile wait for this attempt
         self._last_attempt = loop.time()
         started = time.monotonic()
         conn = await connect(self.url, connect_timeout=self.timeout)
+        if conn.cluster_enabled and not self._cluster_node:
+            # Imported here: sidecar.cluster is built on this module.
+            from sidecar.cluster import ClusterClient
+
+            cluster = ClusterClient(self.url, timeout=self.timeout)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await cluster.start(conn)
+            except TimeoutError as e:
+                raise RedisTimeout("the Cluster's slot map did not come in time") from e
+            finally:
+                conn.close()
+            self.cluster = cluster
+            return None
         conn.on_lost(self._lost)
         log.debug("connected to redis in %.1f ms", (time.monotonic() - started) * 1000)
         return conn

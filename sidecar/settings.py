@@ -75,7 +75,7 @@ OPTIONS = (
     Option(
         "redis_prefix",
         "WACRM_REDIS_PREFIX",
-        str,
+        options.redis_prefix,
         DEFAULT_PREFIX,
         "prefix of every Redis key the gate uses; lets deployments share one Redis",
     ),

@@ -6,10 +6,14 @@ import asyncio
 import enum
 import hashlib
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sidecar.records import CHECK_SCRIPT, UNLIMITED, Keyspace, RateLimit
 from sidecar.resp import RedisTimeout, RedisUnavailable, ReplyError, RespClient, bulk, encode_bulks
+from sidecar.slots import key_slot, tag_slot
+
+if TYPE_CHECKING:
+    from sidecar.cluster import ClusterClient
 
 _CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest().encode()
 #: The start of a script call, encoded once: by the script's SHA1, or with the script itself.
@@ -78,6 +82,8 @@ class KeyStore:
         limit = rate_limit or UNLIMITED
         self._limit_args = (bulk(limit.limit), bulk(limit.window_ms))
         self._loaded_arg = bulk(keyspace.loaded)
+        self._marks: dict[int, str] = {}  # a Cluster's loaded mark of each slot, as used
+        self._used_slot = key_slot(keyspace.used)
         self._queue: _Batch = []
         self._busy = False  # a call is in flight, or one is due when the loop turns over
         # The task connecting to Redis, if one is: held so that it is not garbage-collected.
@@ -103,17 +109,39 @@ class KeyStore:
         if not batch:
             self._busy = False
             return
+        client = self.client
+        if not client.connected:  # connect first, in a task of its own
+            self._connecting = asyncio.ensure_future(self._connect(batch))
+        elif client.cluster is not None:
+            self._send_each(batch, client.cluster)
+        else:
+            self._send_together(batch)
+
+    async def _connect(self, batch: _Batch) -> None:
+        try:
+            await self.client.connect()
+        except RedisTimeout as e:
+            self._fail(batch, StoreUnavailable("timeout", str(e)))
+        except RedisUnavailable as e:
+            self._fail(batch, StoreUnavailable("connection", str(e)))
+        except asyncio.CancelledError:  # the sidecar stops
+            self._fail(batch, StoreUnavailable("connection", "stopping"))
+        except Exception as e:  # refuse the batch rather than leave it waiting forever
+            self._fail(batch, StoreUnavailable("reply", f"cannot connect: {e!r}"))
+        else:
+            self._queue[:0] = batch
+            self._send()
+
+    def _send_together(self, batch: _Batch) -> None:
+        """Send *batch* in one script call (one Redis)."""
         try:
             ks = self.keyspace
             keys = [bulk(k) for h, _ in batch for k in (ks.record(h), ks.rate(h))]
             keys.append(self._loaded_arg)
             args = [bulk(len(keys)), *keys, *self._limit_args]  # the script's, encoded
-            command = encode_bulks([*_CALL_BY_SHA, *args])
-            reply = self.client.send_encoded(command, flush=True)
-            if reply is None:  # not connected: connect first, in a task of its own
-                reply = self._connecting = asyncio.ensure_future(
-                    self.client.execute_encoded(command)
-                )
+            reply = self.client.send_encoded(encode_bulks([*_CALL_BY_SHA, *args]), flush=True)
+            if reply is None:
+                raise RedisUnavailable("connection lost")
         except RedisUnavailable as e:  # the connection broke this instant
             self._fail(batch, StoreUnavailable("connection", str(e)))
             return
@@ -121,6 +149,71 @@ class KeyStore:
             self._fail(batch, StoreUnavailable("reply", f"cannot send: {e!r}"))
             return
         reply.add_done_callback(partial(self._answer, batch, args, False))
+
+    def _send_each(self, batch: _Batch, cluster: ClusterClient) -> None:
+        """Send each check of *batch* in a script call of its own, to its slot's master.
+
+        A Cluster refuses a call whose keys span slots; the calls of one tick for one master
+        still travel in one write.  The next batch goes once every check is answered.
+        """
+        ks = self.keyspace
+        left = _Countdown(len(batch), self._send)
+        for key_hash, fut in batch:
+            try:
+                slot = tag_slot(key_hash.encode())
+                keys = (ks.record(key_hash), ks.rate(key_hash), self._loaded_in(slot))
+                args = [bulk(3), *map(bulk, keys), *self._limit_args]
+                reply = cluster.send_encoded(encode_bulks([*_CALL_BY_SHA, *args]), slot)
+            except Exception as e:
+                fut.set_exception(StoreUnavailable("reply", f"cannot send: {e!r}"))
+                left.done()
+                continue
+            answer = partial(self._answer_one, fut, cluster, slot, args, False, left)
+            reply.add_done_callback(answer)
+
+    def _answer_one(
+        self,
+        fut: asyncio.Future[Found],
+        cluster: ClusterClient,
+        slot: int,
+        args: list[bytes],
+        sent_script: bool,
+        left: _Countdown,
+        reply: Any,
+    ) -> None:
+        try:
+            (r,) = reply.result()
+            answer = Lookup._make(r) if r else (None if r is None else NOT_LOADED)
+        except ReplyError as e:
+            if str(e).startswith("NOSCRIPT") and not sent_script:
+                retry = cluster.send_encoded(encode_bulks([*_CALL_WITH_SCRIPT, *args]), slot)
+                retry.add_done_callback(
+                    partial(self._answer_one, fut, cluster, slot, args, True, left)
+                )
+                return
+            error = StoreUnavailable("reply", str(e))
+        except RedisTimeout as e:
+            error = StoreUnavailable("timeout", str(e))
+        except RedisUnavailable as e:
+            error = StoreUnavailable("connection", str(e))
+        except asyncio.CancelledError:
+            error = StoreUnavailable("connection", "stopping")
+        except Exception as e:  # a reply of another shape: refuse, and stay usable
+            error = StoreUnavailable("reply", f"unexpected reply: {e!r}")
+        else:
+            if not fut.done():
+                fut.set_result(answer)
+            left.done()
+            return
+        if not fut.done():
+            fut.set_exception(error)
+        left.done()
+
+    def _loaded_in(self, slot: int) -> str:
+        mark = self._marks.get(slot)
+        if mark is None:
+            mark = self._marks[slot] = self.keyspace.loaded_in(slot)
+        return mark
 
     def _answer(self, batch: _Batch, args: list[bytes], sent_script: bool, reply: Any) -> None:
         try:
@@ -165,16 +258,44 @@ class KeyStore:
 
     def touch(self, key_id: str, now_ms: int) -> None:
         """Note that *key_id* was used at *now_ms*, without waiting for Redis to answer."""
-        fut = self.client.send(b"ZADD", self.keyspace.used, b"GT", b"%d" % now_ms, key_id)
+        fut = self.client.send(
+            b"ZADD", self.keyspace.used, b"GT", b"%d" % now_ms, key_id, slot=self._used_slot
+        )
         if fut is not None:
             fut.add_done_callback(_ignore)
 
-    async def ping(self) -> bool:
-        """Tell whether Redis answers within the timeout."""
+    async def problem(self) -> str | None:
+        """Return why Redis cannot serve checks now (within the timeout), or None if it can.
+
+        A Cluster must serve every slot, each master saying ``cluster_state:ok``.
+        """
         try:
-            return bool(await self.client.execute(b"PING") == b"PONG")
-        except (RedisUnavailable, ReplyError):
-            return False
+            async with asyncio.timeout(2 * self.client.timeout):
+                await self.client.connect()
+                if (cluster := self.client.cluster) is not None:
+                    return await cluster.problem()
+                if await self.client.execute(b"PING") != b"PONG":
+                    return "Redis does not answer PING with PONG"
+        except TimeoutError:
+            return "Redis did not answer in time"
+        except (RedisUnavailable, ReplyError) as e:
+            return str(e)
+        return None
+
+
+class _Countdown:
+    """Call *then* once `done` was called *count* times."""
+
+    __slots__ = ("left", "then")
+
+    def __init__(self, count: int, then: Any) -> None:
+        self.left = count
+        self.then = then
+
+    def done(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.then()
 
 
 def _ignore(fut: asyncio.Future[object]) -> None:

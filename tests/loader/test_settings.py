@@ -47,6 +47,7 @@ def test_environment_and_flags() -> None:
         ({"WACRM_REDIS_URL": "foo://x"}, "WACRM_REDIS_URL"),
         ({"WACRM_REDIS_URL": "redis://x:99999/0"}, "WACRM_REDIS_URL"),
         ({"WACRM_REDIS_URL": "unix://"}, "WACRM_REDIS_URL"),
+        ({"WACRM_REDIS_PREFIX": "{gate}:"}, "WACRM_REDIS_PREFIX"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

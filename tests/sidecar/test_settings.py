@@ -36,6 +36,9 @@ def test_environment_and_flags_set_values_flags_winning() -> None:
         ({"WACRM_REDIS_TIMEOUT": "nan"}, "WACRM_REDIS_TIMEOUT"),
         ({"WACRM_UNKNOWN_ROUTES": "maybe"}, "WACRM_UNKNOWN_ROUTES"),
         ({"WACRM_LOG_LEVEL": "loud"}, "WACRM_LOG_LEVEL"),
+        # A brace would make the prefix, not the key hash, a Cluster's hash tag.
+        ({"WACRM_REDIS_PREFIX": "gate{a}:"}, "WACRM_REDIS_PREFIX"),
+        ({"WACRM_REDIS_PREFIX": "gate}"}, "WACRM_REDIS_PREFIX"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:

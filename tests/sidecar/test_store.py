@@ -205,6 +205,9 @@ async def test_a_silent_redis_refuses_the_call_in_flight_and_the_checks_behind_i
 class _OddClient:
     """A client whose first reply has a shape the script never sends, then a good one."""
 
+    connected = True
+    cluster = None
+
     def __init__(self, good: list[object]) -> None:
         self.replies: list[object] = [RuntimeError("odd"), good]
 
