@@ -1,8 +1,9 @@
 """Benchmark the gate through real nginx and Redis with wrk, next to its ceiling and floor.
 
-Run ``.venv/bin/python bench/gate.py --help``.  Eleven cases, each through nginx with one
-worker; wrk always reaches nginx over TCP, and nginx reaches the auth app over TCP (127.0.0.1)
-or, where a case says "Unix socket", over a Unix socket (``server unix:...``):
+Run ``.venv/bin/python bench/gate.py --help``.  Eleven cases (thirteen with ``--cluster``),
+each through nginx with one worker; wrk always reaches nginx over TCP, and nginx reaches the
+auth app over TCP (127.0.0.1) or, where a case says "Unix socket", over a Unix socket
+(``server unix:...``):
 
 ceiling        nginx proxies to the upstream, no auth at all
 floor          nginx ``auth_request`` to an aiohttp handler that returns 200 (bench/floor.py):
@@ -14,6 +15,11 @@ floor + GET    the same handler awaiting one Redis GET through the sidecar's Red
 gate, valid    the real sidecar, a real key in Redis, identity injected upstream; over TCP,
                and over a Unix socket (WACRM_LISTEN) with Redis over its Unix socket too
 gate, 1,000    the same with 1,000 valid keys in turn, so each check in a batch is another key
+gate, Cluster  with ``--cluster``, "gate, valid key" and "gate, 1,000 valid keys" again through
+               another sidecar over TCP, pointed (WACRM_REDIS_URL) at one node of a 3-master
+               Redis Cluster on loopback (`tests.cluster.ClusterNodes`, no replicas) that holds
+               the same keys, written by the loader's `loader.mirror.Mirror`: each check goes
+               over TCP to the master of its key's slot; Redis CPU is summed over the nodes
 gate, unknown  well-formed random keys from a pool of 10,000, each a Redis miss
 gate, garbage  Authorization values that fail the format check
 OpenResty      the reference: no sidecar, the key checked in nginx by Lua (bench/lua/check.lua:
@@ -22,7 +28,8 @@ OpenResty      the reference: no sidecar, the key checked in nginx by Lua (bench
                are installed (``--lua install``, as root), or the row is skipped with the reason
 
 Below the table, the two targets of the Unix socket: the gate over Unix against the low-level
-floor over TCP (1.0x), and against the low-level floor over Unix (0.8x).
+floor over TCP (1.0x), and against the low-level floor over Unix (0.8x); with ``--cluster``,
+what the Cluster costs: each Cluster case against the same case on the one redis-server.
 
 Each ``--tree PATH`` adds a case: the valid key through the sidecar of another checkout (a git
 worktree of an older commit, say), with its own nginx, so two versions meet in one run; and,
@@ -36,6 +43,7 @@ for S seconds and samples the sidecar's RSS every 10 s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import os
 import platform
@@ -51,6 +59,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -61,6 +70,9 @@ from bench import stack, wrk
 from demo import procs
 from sidecar import apikeys, records
 
+if TYPE_CHECKING:
+    from tests.cluster import ClusterNodes
+
 ACCOUNT_ID = "7a1d6c1e-0000-4000-8000-000000000001"
 KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 UNKNOWN_POOL = 10_000
@@ -69,6 +81,10 @@ SAMPLE_EVERY = 10.0
 UNIX_GATE = "gate, valid key, Unix socket"
 UNIX_LOW_FLOOR = "floor, low-level server, Unix socket"
 OPENRESTY = "OpenResty/Lua in nginx, valid key (reference)"
+CLUSTER = ", Cluster"
+#: The masters of the ``--cluster`` cases' Redis Cluster (no replicas).
+CLUSTER_MASTERS = 3
+CLUSTER_TIMEOUT = 30.0
 GARBAGE = (
     "Bearer not-a-wacrm-key",
     "Basic dXNlcjpwYXNzd29yZA==",
@@ -89,6 +105,8 @@ class Case:
     auth_roots: list[int]
     nginx_roots: list[int]
     script: Path | None = None
+    #: The Redis servers whose CPU time is charged to it: None for the one redis-server.
+    redis_pids: list[int] | None = None
     runs: list[wrk.Result] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
 
@@ -122,6 +140,7 @@ class Bench:
         self.cases = 0
         self.trees = 0
         self.sockets = workdir
+        self.cluster: ClusterNodes | None = None
 
     def run(self) -> int:
         try:
@@ -133,6 +152,8 @@ class Bench:
         finally:
             for p in reversed(self.started):
                 p.stop()
+            if self.cluster is not None:
+                self.cluster.stop()
             if self.sockets != self.workdir:
                 shutil.rmtree(self.sockets, ignore_errors=True)
         return 0
@@ -147,7 +168,8 @@ class Bench:
         redis = procs.redis_server(self.workdir, unix_socket=redis_socket, unix_socket_mode=0o777)
         self._spawn(redis)
         redis_url = f"redis://127.0.0.1:{redis.port}/0"
-        key, *many = put_keys(redis_url, 1 + VALID_POOL)
+        minted = mint_keys(1 + VALID_POOL)
+        key, *many = put_keys(redis_url, minted)
         unix_redis_url = f"unix://{redis_socket}?db=0"
         if a.redis_socket:  # the TCP sidecar and "floor + GET" talk to Redis through it too
             redis_url = unix_redis_url
@@ -206,6 +228,7 @@ class Bench:
         low_unix_nginx = stack.nginx(self.workdir / "nginx-floor-low-unix", low_unix_ports)
         for n in (gate_nginx, floor_nginx, low_nginx, get_nginx, unix_nginx, low_unix_nginx):
             self._spawn(n)
+        cluster_cases = self._cluster_cases(minted, sidecar_env) if a.cluster else []
         if workers > 1:
             time.sleep(1.0)  # let every worker listen before nginx opens its keepalive pool
 
@@ -246,6 +269,11 @@ class Bench:
         lua = self._openresty(redis_socket, bearer)
         if lua is not None:
             cases.append(lua)
+        if cluster_cases:  # side by side with the same cases on the one redis-server
+            at = next(
+                i for i, c in enumerate(cases) if c.name == f"gate, {VALID_POOL:,} valid keys"
+            )
+            cases[at + 1 : at + 1] = cluster_cases
         for tree in a.tree:
             cases += self._other_tree(tree, redis_url, unix_redis_url, sidecar_env, bearer)
         for i, case in enumerate(cases):
@@ -259,6 +287,35 @@ class Bench:
             _preflight(case, account_id=ACCOUNT_ID if "valid" in case.name else None)
         self.cases = len(cases)
         return cases
+
+    def _cluster_cases(
+        self,
+        minted: Sequence[tuple[apikeys.MintedKey, records.KeyRecord]],
+        env: dict[str, str],
+    ) -> list[Case]:
+        """Start a Redis Cluster holding the keys *minted*, and a sidecar on it behind an nginx
+        of its own; return the valid-key cases through them."""
+        # Imported here: only --cluster needs the tests' Cluster.
+        from tests.cluster import ClusterNodes
+
+        self.cluster = ClusterNodes(self.workdir / "cluster", masters=CLUSTER_MASTERS)
+        self.cluster.start()
+        url = self.cluster.urls[0]  # any node: the sidecar finds the Cluster itself
+        asyncio.run(put_cluster_keys(url, minted))
+        sidecar = procs.sidecar(self.workdir, redis_url=url, extra_env=env)
+        self._spawn(sidecar)
+        ports = stack.NginxPorts(procs.free_port(), sidecar.port, procs.free_port())
+        nginx = stack.nginx(self.workdir / "nginx-gate-cluster", ports)
+        self._spawn(nginx)
+        nodes = [_pid(n) for n in self.cluster.nodes]
+        auth, proxy = [_pid(sidecar)], [_pid(nginx)]
+        bearer, *valid_many = [f"Bearer {m.plaintext}" for m, _ in minted]
+        return [
+            Case(f"gate, valid key{CLUSTER}", ports.listen, 200, [bearer], auth, proxy,
+                 redis_pids=nodes),
+            Case(f"gate, {VALID_POOL:,} valid keys{CLUSTER}", ports.listen, 200, valid_many,
+                 auth, proxy, redis_pids=nodes),
+        ]  # fmt: skip
 
     def _other_tree(
         self, tree: Path, redis_url: str, unix_redis_url: str, env: dict[str, str], bearer: str
@@ -387,6 +444,9 @@ class Bench:
         print(_table(cases, floor=cases[1]))
         print()
         print(_targets(cases))
+        if a.cluster:
+            print()
+            print(_cluster_costs(cases))
         print()
         print(
             f"Sidecar RSS ({len(stack.tree(_pid(self.sidecar)))} process(es)):"
@@ -446,7 +506,7 @@ class Bench:
         groups = {
             "auth": [p for root in case.auth_roots for p in stack.tree(root)],
             "nginx": [p for root in case.nginx_roots for p in stack.tree(root)],
-            "redis": self.redis_pids,
+            "redis": self.redis_pids if case.redis_pids is None else case.redis_pids,
         }
         before = {k: stack.cpu_seconds(v) for k, v in groups.items()}
         busy = stack.machine_busy_seconds()
@@ -476,6 +536,12 @@ class Bench:
         a = self.args
         cpu = _cpu_model()
         command = shlex.join([".venv/bin/python", "bench/gate.py", *sys.argv[1:]])
+        cluster = (
+            f" The Cluster cases: a {CLUSTER_MASTERS}-master Redis Cluster (no replicas), the"
+            " sidecar reaching its masters over TCP, their Redis CPU summed over its nodes."
+            if a.cluster
+            else ""
+        )
         mode = (
             f"{a.soak:g} s soak of the valid-key case"
             if a.soak
@@ -494,7 +560,7 @@ class Bench:
                 f" Python {platform.python_version()};"
                 f" GET {stack.PATH}; {mode}; Redis over"
                 f" {'its Unix socket' if a.redis_socket else 'TCP (127.0.0.1)'}, but over its"
-                " Unix socket for the cases on a Unix socket and the OpenResty row.",
+                " Unix socket for the cases on a Unix socket and the OpenResty row." + cluster,
                 f"Sidecar: {_git_state()}, workers {self.workers}, WACRM_RATE_LIMIT"
                 f" {self.rate_limit or '(not set)'}.",
                 "Upstream: a `return 200` server inside the same nginx (echoes the injected"
@@ -567,6 +633,35 @@ def _targets(cases: list[Case]) -> str:
     return "Targets of the Unix socket:\n" + "\n".join(lines)
 
 
+def _cluster_costs(cases: list[Case]) -> str:
+    """Say what the Cluster costs: each Cluster case against the same case on one Redis."""
+    by_name = {c.name: c for c in cases}
+    lines = []
+    for case in cases:
+        base = by_name.get(case.name.removesuffix(CLUSTER))
+        if not case.name.endswith(CLUSTER) or base is None or not case.runs or not base.runs:
+            continue
+        parts = [f"{case.median().rate / base.median().rate:.2f}x the req/s"]
+        for label, group in (("sidecar CPU", "auth"), ("Redis CPU", "redis")):
+            one, many = _group_per_request(base, group), _group_per_request(case, group)
+            ratio = f" ({many / one:.2f}x)" if one else ""
+            parts.append(f"{label} {one * 1e6:.0f} -> {many * 1e6:.0f} us/req{ratio}")
+        one, many = _cpu_per_request(base), _cpu_per_request(case)
+        ratio = f" ({many / one:.2f}x)" if one else ""
+        parts.append(f"all CPU {one * 1e6:.0f} -> {many * 1e6:.0f} us/req{ratio}")
+        lines.append(f"- {base.name}: {'; '.join(parts)}")
+    return (
+        f"What the Cluster costs (a {CLUSTER_MASTERS}-master Cluster against one redis-server):\n"
+        + "\n".join(lines)
+    )
+
+
+def _group_per_request(case: Case, group: str) -> float:
+    """Return the CPU seconds a request of *case* cost the processes of *group*."""
+    total = sum(r.requests for r in case.runs)
+    return case.cpu.get(group, 0.0) / total if total else 0.0
+
+
 def _cpu_per_request(case: Case) -> float:
     """Return the CPU seconds a request of *case* cost wrk, nginx, Redis and the auth app.
 
@@ -590,19 +685,30 @@ def _errors(case: Case) -> str:
     return ", ".join(f"{n:,} x {what}" for what, n in sorted(counts.items()))
 
 
-def put_keys(redis_url: str, count: int) -> list[str]:
-    """Store *count* keys with the route's scope the way the loader does; return them."""
+def mint_keys(count: int) -> list[tuple[apikeys.MintedKey, records.KeyRecord]]:
+    """Mint *count* keys, each with its record: the route's scope, no expiry."""
+    keys = []
+    for i in range(count):
+        minted = apikeys.mint()
+        key_id = KEY_ID if i == 0 else f"{KEY_ID[:-6]}{i:06d}"
+        record = records.KeyRecord(
+            key_id, ACCOUNT_ID, "Bench Inc", minted.key_prefix, (stack.SCOPE,), None
+        )
+        keys.append((minted, record))
+    return keys
+
+
+def put_keys(
+    redis_url: str, keys: Sequence[tuple[apikeys.MintedKey, records.KeyRecord]]
+) -> list[str]:
+    """Store *keys* the way the loader does and mark the load complete; return their
+    plaintexts."""
     keyspace = records.Keyspace()
     version = int(time.time() * 1000)
     plaintexts = []
     with redis_sync.Redis.from_url(redis_url) as r:
         put = r.register_script(records.PUT_SCRIPT)
-        for i in range(count):
-            minted = apikeys.mint()
-            key_id = KEY_ID if i == 0 else f"{KEY_ID[:-6]}{i:06d}"
-            record = records.KeyRecord(
-                key_id, ACCOUNT_ID, "Bench Inc", minted.key_prefix, (stack.SCOPE,), None
-            )
+        for minted, record in keys:
             written = put(
                 keys=[keyspace.record(minted.key_hash), keyspace.tombstone(minted.key_hash)],
                 args=[records.encode(record, version=version), version, ""],
@@ -612,6 +718,30 @@ def put_keys(redis_url: str, count: int) -> list[str]:
             plaintexts.append(minted.plaintext)
         r.set(keyspace.loaded, version)  # a finished load: an unknown key is a 401
     return plaintexts
+
+
+async def put_cluster_keys(
+    url: str, keys: Sequence[tuple[apikeys.MintedKey, records.KeyRecord]]
+) -> None:
+    """Store *keys* into the Redis Cluster at *url* through the loader's Mirror, and mark the
+    load complete in every slot."""
+    # Imported here: only --cluster needs the loader.
+    from loader.mirror import Mirror
+    from loader.pipe import Batch
+
+    mirror = await Mirror.open(url, records.Keyspace(), connect_timeout=CLUSTER_TIMEOUT)
+    try:
+        await mirror.begin_load()
+        version = await mirror.version()
+        batch = Batch()
+        await mirror.put([(m.key_hash, r) for m, r in keys], version=version, batch=batch)
+        await mirror.wait(batch)
+        if batch.applied != len(keys):
+            raise RuntimeError(f"{len(keys) - batch.applied} key records were not written")
+        if not await mirror.mark_loaded(version):
+            raise RuntimeError("the Cluster lost the records while they were written")
+    finally:
+        await mirror.close()
 
 
 def _preflight(case: Case, *, account_id: str | None) -> None:
@@ -726,6 +856,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="add the valid-key case through the sidecar of this other checkout (repeatable)",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"add the valid-key cases through a sidecar on a {CLUSTER_MASTERS}-master Redis"
+        " Cluster (over TCP, whatever --redis-socket says)",
     )
     p.add_argument(
         "--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead"

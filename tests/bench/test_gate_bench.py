@@ -64,6 +64,39 @@ def test_harness_prints_every_case_with_positive_rates_and_no_errors() -> None:
     assert "target at least 1.0x" in targets[0] and "target at least 0.8x" in targets[1]
 
 
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+@pytest.mark.timeout(150)  # about 30 s; a Cluster's start is slower on a busy machine
+def test_cluster_rows_run_beside_the_one_redis_rows_with_two_workers() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/gate.py", "--cluster", "--workers", "2", "--duration", "1",
+         "--rounds", "1", "--warmup", "0", "--connections", "4", "--lua", "off"],
+        cwd=procs.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=True,
+    ).stdout  # fmt: skip
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+             if line.startswith("| ")]  # fmt: skip
+    header, rows = table[0], table[1:]
+    names = [row[0] for row in rows]
+    at = names.index("gate, 1,000 valid keys")
+    assert names[at + 1 : at + 3] == ["gate, valid key, Cluster", "gate, 1,000 valid keys, Cluster"]
+    assert len(names) == 12
+    for row in rows:
+        assert float(row[header.index("req/s")].replace(",", "")) > 0, row
+        assert row[header.index("errors")] == "0", row
+    for row in rows[at + 1 : at + 3]:  # the sidecar's CPU and the Cluster's nodes' were counted
+        assert int(row[header.index("CPU us/req: auth app")]) > 0, row
+        assert int(row[header.index("Redis")]) > 0, row
+    assert "workers 2" in out
+    costs = [line for line in out.splitlines() if line.startswith("- gate, ") and "->" in line]
+    assert [line.split(":")[0] for line in costs] == [
+        "- gate, valid key",
+        "- gate, 1,000 valid keys",
+    ]
+
+
 def test_wrk_counts_every_response_with_another_status_as_an_error(tmp_path: Path) -> None:
     upstream = procs.upstream(tmp_path)
     upstream.start()
