@@ -192,10 +192,14 @@ class ClusterNodes:
     def slots_of(self, port: int) -> set[int]:
         """Return the slots the master on *port* serves, by its own ``CLUSTER SLOTS``
         (empty for a replica)."""
+        deadline = time.monotonic() + 30
+        # A node that just became a replica loads its master's data first: LOADING meanwhile.
+        while (reply := _call(port, "cluster", "slots", json_reply=True)).startswith("error:"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CLUSTER SLOTS on 127.0.0.1:{port}: {reply.strip()}")
+            time.sleep(0.05)
         slots: set[int] = set()
-        for start, end, master, *_replicas in json.loads(
-            _call(port, "cluster", "slots", json_reply=True)
-        ):
+        for start, end, master, *_replicas in json.loads(reply):
             if int(master[1]) == port:
                 slots.update(range(int(start), int(end) + 1))
         return slots
