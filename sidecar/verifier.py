@@ -158,20 +158,27 @@ _ROUTING = frozenset(
 def _refused_header(headers: CIMultiDictProxy[str]) -> Denial | None:
     """Refuse a header the upstream could read as identity or routing, in any spelling.
 
-    Names are compared lower-cased and with '_' read as '-', as WSGI servers and others fold
-    them: ``X_Wacrm-Scopes`` is ``X-Wacrm-Scopes`` to such an upstream.
+    Names are compared lower-cased and with every separator a header name may hold read as
+    '-': WSGI and CGI servers fold '_' (and PHP '.' and ' '), so ``X_Wacrm-Scopes`` and
+    ``X.Wacrm.Scopes`` are ``X-Wacrm-Scopes`` to such an upstream.
     """
     names = "\n" + "\n".join(headers).lower() + "\n"
-    folded = names.replace("_", "-") if "_" in names else names
+    folded = names.translate(_ALIASES)
     if "\nx-wacrm-" in folded:
         return decision.SPOOFED
     if any(name in folded for name in _METHOD_OVERRIDES):
         return decision.METHOD_OVERRIDE
-    if folded is not names and any(
-        "_" in name and name.lower().replace("_", "-") in _ROUTING for name in headers
+    if folded != names and any(
+        (f := name.lower().translate(_ALIASES)) != name.lower() and f in _ROUTING
+        for name in headers
     ):
         return decision.ROUTING_HEADER
     return None
+
+
+#: The characters besides '-' that a header name may hold (RFC 9110's tchar, letters and
+#: digits aside), each read as '-'.
+_ALIASES = str.maketrans(dict.fromkeys("!#$%&'*+.^_`|~", "-"))
 
 
 #: `decode`, cached by the stored bytes, version included: a rewritten record is a new entry,

@@ -27,6 +27,11 @@ def _headers(*names: str) -> CIMultiDictProxy[str]:
         "X-Wacrm_Scopes",
         "X_Wacrm-Account-Id",
         "x_WACRM_key-id",
+        # Other separators: PHP folds '.', and an upstream may fold any of them.
+        "X.Wacrm.Scopes",
+        "X~Wacrm~Account~Id",
+        "x-wacrm.key-id",
+        "X|Wacrm|Scopes",
     ],
 )
 def test_reserved_headers_are_found_in_any_spelling(name: str) -> None:
@@ -42,6 +47,7 @@ def test_reserved_headers_are_found_in_any_spelling(name: str) -> None:
         "X-Method-Override",
         "X_HTTP_Method_Override",
         "X-Http_Method",
+        "X.HTTP.Method.Override",
     ],
 )
 def test_method_overrides_are_refused_in_any_spelling(name: str) -> None:
@@ -50,7 +56,15 @@ def test_method_overrides_are_refused_in_any_spelling(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["X_Original_URI", "X-Original_URL", "x_original-method", "X_Forwarded_Uri", "X_Rewrite_URL"],
+    [
+        "X_Original_URI",
+        "X-Original_URL",
+        "x_original-method",
+        "X_Forwarded_Uri",
+        "X_Rewrite_URL",
+        "X.Forwarded.Uri",
+        "X~Original~URI",
+    ],
 )
 def test_routing_headers_spelled_with_underscores_are_refused(name: str) -> None:
     assert _refused_header(_headers(name)) is decision.ROUTING_HEADER
@@ -68,6 +82,8 @@ def test_routing_headers_spelled_with_underscores_are_refused(name: str) -> None
         "X-Forwarded-Method",
         "X-HTTP-Methods",
         "My_Header",
+        "My.Header",
+        "X.Wacrm",
     ],
 )
 def test_other_headers_are_not_refused(name: str) -> None:
