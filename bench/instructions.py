@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import stack, wrk
-from bench.gate import put_keys
+from bench.gate import mint_keys, put_keys
 from demo import procs
 
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis.start()
         try:
             redis_url = f"redis://127.0.0.1:{redis.port}/0"
-            (key,) = put_keys(redis_url, 1)
+            (key,) = put_keys(redis_url, mint_keys(1))
             script = wrk.write_script(
                 workdir,
                 "auth",
