@@ -33,7 +33,7 @@ from sidecar.apikeys import mint
 from sidecar.records import Keyspace, hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT / "tests" / "loader" / "wacrm_schema.sql"
+SCHEMA = ROOT / "deploy" / "compose" / "wacrm-schema.sql"
 NOTIFY = ROOT / "loader" / "wacrm-notify.sql"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE = "wacrm_bench_last_used"

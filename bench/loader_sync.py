@@ -44,7 +44,7 @@ from bench import pg
 from demo import procs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT / "tests" / "loader" / "wacrm_schema.sql"
+SCHEMA = ROOT / "deploy" / "compose" / "wacrm-schema.sql"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE = "wacrm_bench"
 #: The masters of the Cluster that ``--cluster`` syncs into.

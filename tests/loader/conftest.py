@@ -27,7 +27,8 @@ from tests.conftest import RedisServer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-WACRM_SCHEMA = HERE / "wacrm_schema.sql"
+#: Wacrm's tables, as the compose stack's PostgreSQL gets them.
+WACRM_SCHEMA = ROOT / "deploy" / "compose" / "wacrm-schema.sql"
 NOTIFY_SQL = ROOT / "loader" / "wacrm-notify.sql"
 
 

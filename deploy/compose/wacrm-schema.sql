@@ -1,5 +1,8 @@
--- Wacrm's own tables, as ../shared/reference/wacrm-compat.md describes them (Supabase-style).
--- The tests apply this to a throw-away database; the loader never creates these tables.
+-- Wacrm's own tables for the compose stack's demo PostgreSQL, run once by the postgres image
+-- on an empty data volume (/docker-entrypoint-initdb.d/10-wacrm-schema.sql; the shipped
+-- trigger, loader/wacrm-notify.sql, runs after it as 20-wacrm-notify.sql).  In production the
+-- loader reads Wacrm's real database instead, and this file is not used.
+-- The loader's tests run against this schema too (tests/loader/conftest.py).
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
 CREATE TABLE accounts (
