@@ -104,12 +104,17 @@ class Gate:
         """Answer nginx's auth_request: 200 with identity headers, or a refusal it can render.
 
         The original request comes as X-Original-Method and X-Original-URI (nginx), or
-        X-Original-URL, a full URL (ingress-nginx).
+        X-Original-URL, a full URL (ingress-nginx).  Both present, they must name the same
+        request target, each once: otherwise one came from the client.
         """
         h = request.headers
-        uri = h.get(ORIGINAL_URI)
-        if uri is None and (url := h.get(ORIGINAL_URL)) is not None:
-            uri = _target_of(url)
+        uris, urls = h.getall(ORIGINAL_URI, ()), h.getall(ORIGINAL_URL, ())
+        uri = uris[0] if uris else None
+        if urls:
+            target = _target_of(urls[0])
+            if len(uris) > 1 or len(urls) > 1 or uri not in (None, target):
+                return answers.to_nginx(Verdict(decision.ORIGINALS_DISAGREE))
+            uri = target
         if uri is None:
             log.error(
                 "auth request without X-Original-URI or X-Original-URL; check the nginx snippet"

@@ -65,6 +65,14 @@ ROUTING_HEADER = Denial(
     _error("bad_request", "Request carries a routing header spelled with '_'"),
     "routing_header",
 )
+#: An auth request whose X-Original-URI and X-Original-URL name different requests: one of
+#: them came from the client (ingress-nginx passes a client's X-Original-URI on unless told
+#: the method), and the gate cannot tell which one the upstream will serve.
+ORIGINALS_DISAGREE = Denial(
+    400,
+    _error("bad_request", "X-Original-URI and X-Original-URL name different requests"),
+    "routing_header",
+)
 TOO_MANY_HEADERS = Denial(
     431, _error("bad_request", "Too many request headers"), "too_many_headers"
 )

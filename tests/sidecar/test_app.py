@@ -157,6 +157,28 @@ async def test_ingress_nginx_full_url_is_understood(client: Client, fake: Any) -
     assert (await client.get("/auth", headers=headers)).status == 403
 
 
+async def test_an_x_original_uri_that_contradicts_x_original_url_is_refused(
+    client: Client, fake: Any
+) -> None:
+    """ingress-nginx sets X-Original-URL, and passes a client's X-Original-URI on unless
+    auth-method is set: the two disagreeing, the request is refused, not checked by either."""
+    key = await put(fake, ("contacts:read",))
+    headers = {
+        "X-Original-URL": "https://api.example.com/api/v1/webhooks",
+        "X-Original-URI": "/api/v1/contacts",
+        "Authorization": f"Bearer {key}",
+    }
+    resp = await client.get("/auth", headers=headers)
+    assert (resp.status, resp.headers["X-Wacrm-Status"]) == (403, "400")  # nginx's form of a 400
+    assert "different requests" in resp.headers["X-Wacrm-Error"]
+    headers["X-Original-URI"] = "/api/v1/webhooks"  # agreeing: checked (and refused) as one
+    resp = await client.get("/auth", headers=headers)
+    assert (resp.status, resp.headers["X-Wacrm-Status"]) == (403, "403")  # the missing scope
+    agreeing = {**headers, "X-Original-URL": "https://h/api/v1/contacts?x=1"}
+    agreeing["X-Original-URI"] = "/api/v1/contacts?x=1"
+    assert (await client.get("/auth", headers=agreeing)).status == 200
+
+
 async def test_forward_auth_sends_real_status_and_body(client: Client, fake: Any) -> None:
     key = await put(fake, ("contacts:read",))
     resp = await client.get("/forward-auth", headers=forwarded("/api/v1/contacts", key, "POST"))
