@@ -176,7 +176,9 @@ def structure_problems(doc: Mapping[str, Any]) -> list[str]:
     ]
     networks, volumes = doc.get("networks", {}), doc.get("volumes", {})
     for name, network in networks.items():
-        if not isinstance(network, dict) or set(network) - {"internal"}:
+        if not isinstance(network, dict) or {k for k in network if not k.startswith("x-")} - {
+            "internal"
+        }:
             problems.append(f"networks/{name}: {network!r}")
         elif not isinstance(network.get("internal", False), bool):
             problems.append(f"networks/{name}/internal: not a boolean")
@@ -493,8 +495,15 @@ def test_the_ci_override_changes_the_images_only(ci_override: dict[str, Any]) ->
         assert value.startswith("localhost/"), path
 
 
-def test_the_cni_override_makes_the_gate_network_ordinary_and_nothing_else() -> None:
-    assert dict(leaves(load(CNI_OVERRIDE))) == {("networks", "gate", "internal"): False}
+def test_the_cni_override_makes_gate_ordinary_and_turns_edge_dns_off_and_nothing_else() -> None:
+    # A container on two CNI networks asks their DNS servers in a changing order, and the
+    # edge network's server knows no name on the gate network: nginx, on both, must ask only
+    # the gate network's.
+    assert dict(leaves(load(CNI_OVERRIDE))) == {
+        ("networks", "gate", "internal"): False,
+        ("networks", "edge", "x-podman.disable_dns"): True,
+    }
+    assert load(COMPOSE)["services"]["nginx"]["networks"] == ["edge", "gate"]
     script = CI_SCRIPT.read_text()
     assert "CNI_OVERRIDE=deploy/compose/compose.podman-cni.yaml" in script
 
