@@ -39,6 +39,12 @@ SELECT k.id::text, k.account_id::text, a.name, a.id IS NOT NULL, k.key_prefix, k
        NULL::text
 FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
 """
+#: The rows a change names: $1 key hashes, $2 key ids, $3 account ids.
+_ROWS = (
+    _SELECT
+    + "WHERE k.key_hash = ANY($1::text[]) OR k.id = ANY($2::uuid[])"
+    + " OR k.account_id = ANY($3::uuid[])"
+)
 
 
 #: `bodies`: each unrevoked key's hash and, when the SQL can tell what its record is, that
@@ -92,7 +98,12 @@ class PostgresSource:
         """Connect to the database at *dsn*."""
         with _unavailable("cannot connect to PostgreSQL"):
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=4, timeout=connect_timeout, command_timeout=None
+                dsn,
+                min_size=1,
+                max_size=4,
+                timeout=connect_timeout,
+                command_timeout=None,
+                init=_warm,
             )
         return cls(pool, dsn, connect_timeout)
 
@@ -138,9 +149,7 @@ class PostgresSource:
         """Return the current rows (revoked ones too) named by *changes*."""
         with _unavailable("reading api_keys failed"):
             records = await self.pool.fetch(
-                _SELECT
-                + "WHERE k.key_hash = ANY($1::text[]) OR k.id = ANY($2::uuid[])"
-                + " OR k.account_id = ANY($3::uuid[])",
+                _ROWS,
                 sorted(changes.key_hashes),
                 sorted(i for i in changes.key_ids if _is_uuid(i)),
                 sorted(i for i in changes.account_ids if _is_uuid(i)),
@@ -329,6 +338,16 @@ def _body_sql(*, limit: str, scopes: str) -> str:
 
 def _row(r: Any) -> KeyRow:
     return KeyRow(*r)
+
+
+async def _warm(conn: asyncpg.Connection) -> None:
+    """Prepare the query of `PostgresSource.rows` on a new connection of the pool.
+
+    A revocation is applied by that query: its first run on a connection (planning it, and
+    the new backend reading the tables' catalogue) would otherwise delay the first change
+    applied after every connect.
+    """
+    await conn.fetch(_ROWS, [], [], [])
 
 
 def _stamp(field: str) -> float | None:

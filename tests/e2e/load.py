@@ -57,7 +57,7 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self, offset: int) -> None:
-        conn = keepalive.Connection(self.port, timeout=5)
+        conn = self.connect()
         heads = [
             b"GET %s HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n\r\n"
             % (TARGET, k.plaintext.encode())
@@ -66,11 +66,19 @@ class Load:
         i = offset
         while not self.stop.is_set():
             which = i % len(self.keys)
-            started = time.monotonic()
-            status, _ = conn.request(heads[which])
-            self.sent.append(Sent(which, started, time.monotonic(), status))
+            self.sent.append(self.send(conn, which, heads[which]))
             i += 1
         conn.close()
+
+    def connect(self) -> keepalive.Connection:
+        """Open the connection one thread sends on."""
+        return keepalive.Connection(self.port, timeout=5)
+
+    def send(self, conn: keepalive.Connection, which: int, head: bytes) -> Sent:
+        """Send *head*, the request for key *which*, on *conn*, and return its record."""
+        started = time.monotonic()
+        status, _ = conn.request(head)
+        return Sent(which, started, time.monotonic(), status)
 
 
 class Deployment:
