@@ -7,12 +7,15 @@ and ``/api/v1/me`` (`me`).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import orjson
 from aiohttp import web
 from multidict import istr
 
+from sidecar import identity
 from sidecar.decision import Denial
 from sidecar.records import KeyRecord
 from sidecar.store import Lookup
@@ -25,9 +28,10 @@ Headers = tuple[tuple[str, str], ...]
 ACCOUNT_HEADER = istr("X-Wacrm-Account-Id")
 KEY_HEADER = istr("X-Wacrm-Key-Id")
 SCOPES_HEADER = istr("X-Wacrm-Scopes")
+SIGNATURE_HEADER = istr(identity.SIGNATURE_HEADER)
 #: X-Wacrm-Scopes of a key without scopes: proxies drop an empty header, and a missing one
 #: must mean "not through the gate".  "-" is the route file's own word for no scope.
-NO_SCOPES = "-"
+NO_SCOPES = identity.NO_SCOPES
 #: On a refusal to nginx: the status the client must get, the exact body, the challenge.
 STATUS_HEADER = istr("X-Wacrm-Status")
 ERROR_HEADER = istr("X-Wacrm-Error")
@@ -39,19 +43,37 @@ AUTHENTICATE_HEADER = istr("WWW-Authenticate")
 RETRY_AFTER_HEADER = istr("Retry-After")
 
 
-def to_nginx(verdict: Verdict) -> web.Response:
-    """Answer nginx's auth_request: 200 with the identity headers, or a refusal it can relay."""
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """What an allowed answer's X-Wacrm-Signature signs besides the identity, and the key.
+
+    *method* and *target* are the request the gate checked, which the upstream is served.
+    """
+
+    key: bytes
+    method: str
+    target: str
+
+
+def to_nginx(verdict: Verdict, signing: Signing | None = None) -> web.Response:
+    """Answer nginx's auth_request: 200 with the identity headers, or a refusal it can relay.
+
+    With *signing*, the identity is signed (X-Wacrm-Signature).
+    """
     denial = verdict.denial
     if denial is None:
-        return _allowed(verdict)
+        return _allowed(verdict, signing)
     status, headers = _nginx_form(denial)
     return web.Response(status=status, headers=(*headers, *rate_headers(verdict.lookup)))
 
 
-def to_client(verdict: Verdict) -> web.Response:
-    """Answer a proxy that relays the answer as is (forward-auth): 200, or Wacrm's refusal."""
+def to_client(verdict: Verdict, signing: Signing | None = None) -> web.Response:
+    """Answer a proxy that relays the answer as is (forward-auth): 200, or Wacrm's refusal.
+
+    With *signing*, the identity is signed (X-Wacrm-Signature).
+    """
     if verdict.denial is None:
-        return _allowed(verdict)
+        return _allowed(verdict, signing)
     return _refusal(verdict)
 
 
@@ -81,8 +103,13 @@ def identity_headers(record: KeyRecord) -> Headers:
     return (
         (ACCOUNT_HEADER, record.account_id),
         (KEY_HEADER, record.key_id),
-        (SCOPES_HEADER, " ".join(record.scopes) or NO_SCOPES),
+        (SCOPES_HEADER, scopes_value(record)),
     )
+
+
+def scopes_value(record: KeyRecord) -> str:
+    """Return the X-Wacrm-Scopes value of *record*: its scopes, space-separated, or `NO_SCOPES`."""
+    return " ".join(record.scopes) or NO_SCOPES
 
 
 def rate_headers(lookup: Lookup | None) -> Headers:
@@ -96,9 +123,27 @@ def rate_headers(lookup: Lookup | None) -> Headers:
     )
 
 
-def _allowed(verdict: Verdict) -> web.Response:
-    assert verdict.record is not None
-    return web.Response(headers=(*identity_headers(verdict.record), *rate_headers(verdict.lookup)))
+def signature_headers(record: KeyRecord, signing: Signing) -> Headers:
+    """Return X-Wacrm-Signature for *record* and the request of *signing*, signed now."""
+    value = identity.sign(
+        signing.key,
+        timestamp=int(time.time()),
+        method=signing.method,
+        target=signing.target,
+        account_id=record.account_id,
+        key_id=record.key_id,
+        scopes=scopes_value(record),
+    )
+    return ((SIGNATURE_HEADER, value),)
+
+
+def _allowed(verdict: Verdict, signing: Signing | None) -> web.Response:
+    record = verdict.record
+    assert record is not None
+    granted = identity_headers(record)
+    if signing is not None:
+        granted += signature_headers(record, signing)
+    return web.Response(headers=(*granted, *rate_headers(verdict.lookup)))
 
 
 def _refusal(verdict: Verdict) -> web.Response:

@@ -65,6 +65,8 @@ class Gate:
             encoded_slashes=settings.encoded_slashes == "keep",
             touch_interval=settings.last_used_interval,
         )
+        #: The key that signs the identity of allowed requests, if any (WACRM_IDENTITY_SECRET).
+        self.identity_key = settings.identity_key
         self._routes: dict[str, tuple[Handler, frozenset[str] | None]] = {
             "/auth": (self.auth, None),
             "/forward-auth": (self.forward_auth, None),
@@ -120,7 +122,9 @@ class Gate:
                 "auth request without X-Original-URI or X-Original-URL; check the nginx snippet"
             )
             return answers.to_nginx(Verdict(decision.MISCONFIGURED))
-        return answers.to_nginx(await self.verifier.verify(h, h.get(ORIGINAL_METHOD, "GET"), uri))
+        method = h.get(ORIGINAL_METHOD, "GET")
+        verdict = await self.verifier.verify(h, method, uri)
+        return answers.to_nginx(verdict, self._signing(verdict, method, uri))
 
     async def forward_auth(self, request: web.BaseRequest) -> web.Response:
         """Answer a forward-auth proxy (Traefik, Caddy), which relays a refusal as is.
@@ -134,12 +138,20 @@ class Gate:
         if uri is None:
             log.error("forward-auth request without X-Forwarded-Uri; check the proxy's settings")
             return answers.to_client(Verdict(decision.MISCONFIGURED))
-        return answers.to_client(await self.verifier.verify(h, h.get(FORWARDED_METHOD, "GET"), uri))
+        method = h.get(FORWARDED_METHOD, "GET")
+        verdict = await self.verifier.verify(h, method, uri)
+        return answers.to_client(verdict, self._signing(verdict, method, uri))
 
     async def me(self, request: web.BaseRequest) -> web.Response:
         """Answer ``GET /api/v1/me`` in Wacrm's shape for any valid key."""
         # The path as sent: the same rules as every other route (no "/api/v1/./me").
         return answers.me(await self.verifier.verify(request.headers, "GET", request.raw_path))
+
+    def _signing(self, verdict: Verdict, method: str, target: str) -> answers.Signing | None:
+        """Return what signs the identity of an allowed *verdict* for *method* and *target*."""
+        if self.identity_key is None or verdict.denial is not None:
+            return None
+        return answers.Signing(self.identity_key, method, target)
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
         """Tell that the process is up."""

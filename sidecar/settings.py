@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from sidecar import options
-from sidecar.options import Option
+from sidecar import identity, options
+from sidecar.options import Option, SettingError
 from sidecar.records import DEFAULT_PREFIX, RateLimit
 
 #: Wacrm's own limit: 120 requests per 60 seconds.
@@ -49,6 +49,27 @@ def _listen(text: str) -> Path | None:
     if not stat.S_ISSOCK(mode):  # a stale socket is replaced at start; anything else is kept
         raise ValueError(f"{raw} exists and is not a socket; refusing to replace it")
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret as given, and where it came from; never shown (see `Settings.identity_key`)."""
+
+    text: str = field(repr=False)
+    #: The variable that gave it, or the file that held it.
+    origin: str
+
+
+def _secret(text: str) -> Secret:
+    # Checked in Settings, not here: a value that fails to parse is repeated in the error.
+    return Secret(text, "WACRM_IDENTITY_SECRET (--identity-secret)")
+
+
+def _secret_file(text: str) -> Secret:
+    try:
+        return Secret(Path(text).read_text(), f"WACRM_IDENTITY_SECRET_FILE {text}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the file: {getattr(e, 'strerror', None) or e}") from None
 
 
 OPTIONS = (
@@ -131,6 +152,23 @@ OPTIONS = (
         1,
         "processes serving the port together (SO_REUSEPORT); one per core is the most useful",
     ),
+    Option(
+        "identity_secret",
+        "WACRM_IDENTITY_SECRET",
+        _secret,
+        None,
+        "secret with which the sidecar signs the identity it grants (X-Wacrm-Signature,"
+        " HMAC-SHA256, see docs/identity-signature.md): at least 32 printable ASCII"
+        " characters without spaces; unset = no signature",
+    ),
+    Option(
+        "identity_secret_file",
+        "WACRM_IDENTITY_SECRET_FILE",
+        _secret_file,
+        None,
+        "file holding that secret (surrounding white space removed), instead of"
+        " WACRM_IDENTITY_SECRET, which must then be unset",
+    ),
     options.LOG_LEVEL,
 )
 
@@ -156,4 +194,31 @@ class Settings(options.FromEnv):
     rate_limit: RateLimit | None = WACRM_RATE_LIMIT
     last_used_interval: float = 60.0
     workers: int = 1
+    #: The secret that signs the identity, as given or read from its file (`identity_key`).
+    identity_secret: Secret | None = None
+    identity_secret_file: Secret | None = None
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.identity_secret is not None and self.identity_secret_file is not None:
+            raise SettingError(
+                "WACRM_IDENTITY_SECRET and WACRM_IDENTITY_SECRET_FILE are both set: set one"
+            )
+        # At start, not at the first request.
+        _identity_key(self.identity_secret or self.identity_secret_file)
+
+    @property
+    def identity_key(self) -> bytes | None:
+        """Return the HMAC key that signs the identity, or None when nothing is signed."""
+        return _identity_key(self.identity_secret or self.identity_secret_file)
+
+
+def _identity_key(secret: Secret | None) -> bytes | None:
+    """Return the key of *secret*; raise `SettingError` naming where it came from, never
+    repeating it, if it is too short or holds anything but printable ASCII without spaces."""
+    if secret is None:
+        return None
+    try:
+        return identity.secret_key(secret.text)
+    except ValueError as e:
+        raise SettingError(f"{secret.origin}: the secret {e}") from None

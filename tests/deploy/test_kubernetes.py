@@ -782,7 +782,7 @@ def test_references_resolve_and_selectors_select(directory: str) -> None:
                 for source in container.get("envFrom", []):
                     if "configMapRef" in source:
                         assert ("ConfigMap", ns, source["configMapRef"]["name"]) in names
-                    if "secretRef" in source:
+                    if "secretRef" in source and not source["secretRef"].get("optional"):
                         assert ("Secret", ns, source["secretRef"]["name"]) in names
                 mounts = {m["name"] for m in container.get("volumeMounts", [])}
                 assert mounts <= {v["name"] for v in spec.get("volumes", [])}, container["name"]
@@ -883,10 +883,17 @@ def test_the_loader_is_one_active_instance_with_a_standby(directory: str) -> Non
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert _secrets(container) == {"wacrm-redis", "wacrm-source"}
-    # The sidecars never hold the key table's password.
+    # The sidecars never hold the key table's password; the identity secret, optional, is
+    # theirs alone (the loader signs nothing).
     for where, gate in _gate_containers(docs).items():
         if where != "wacrm-loader/loader":
-            assert _secrets(gate) == {"wacrm-redis"}, where
+            assert _secrets(gate) == {"wacrm-redis", "wacrm-identity"}, where
+            (identity,) = (
+                s["secretRef"]
+                for s in gate["envFrom"]
+                if s.get("secretRef", {}).get("name") == "wacrm-identity"
+            )
+            assert identity["optional"] is True, where
     pdb = _find(docs, "PodDisruptionBudget", "wacrm-loader", GATE_NS)
     assert pdb["spec"]["minAvailable"] == 1
 
@@ -1204,7 +1211,9 @@ ROUTING_HEADERS = {
     "x-http-method",
     "x-method-override",
 }
-IDENTITY = {"x-wacrm-account-id", "x-wacrm-key-id", "x-wacrm-scopes"}
+#: What the sidecar's 200 sets and the upstream receives: the identity and, when signing is
+#: on, its signature (docs/identity-signature.md).
+IDENTITY = {"x-wacrm-account-id", "x-wacrm-key-id", "x-wacrm-scopes", "x-wacrm-signature"}
 
 
 def _annotations(doc: Doc) -> dict[str, str]:

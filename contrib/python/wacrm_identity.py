@@ -1,0 +1,1 @@
+../../sidecar/identity.py
