@@ -62,7 +62,9 @@ METHOD_OVERRIDE = Denial(
 )
 ROUTING_HEADER = Denial(
     400,
-    _error("bad_request", "Request carries a routing header spelled with '_'"),
+    _error(
+        "bad_request", "Request carries a routing header spelled with a separator other than '-'"
+    ),
     "routing_header",
 )
 #: An auth request whose X-Original-URI and X-Original-URL name different requests: one of

@@ -21,6 +21,25 @@ _CALL_BY_SHA = (bulk(b"EVALSHA"), bulk(_CHECK_SHA))
 _CALL_WITH_SCRIPT = (bulk(b"EVAL"), bulk(CHECK_SCRIPT))
 
 
+def _unavailable(e: BaseException, doing: str) -> StoreUnavailable:
+    """Return the refusal for *e*, raised while connecting or by a reply: every failure,
+    expected or not, refuses the checks rather than leaving them waiting."""
+    if isinstance(e, RedisTimeout):
+        return StoreUnavailable("timeout", str(e))
+    if isinstance(e, RedisUnavailable):
+        return StoreUnavailable("connection", str(e))
+    if isinstance(e, asyncio.CancelledError):  # the sidecar stops
+        return StoreUnavailable("connection", "stopping")
+    if isinstance(e, ReplyError):
+        return StoreUnavailable("reply", str(e))
+    return StoreUnavailable("reply", f"{doing}: {e!r}")  # a reply of another shape
+
+
+def _noscript(e: BaseException) -> bool:
+    """Tell whether *e* is Redis saying it does not hold the script (restarted, flushed)."""
+    return isinstance(e, ReplyError) and str(e).startswith("NOSCRIPT")
+
+
 class StoreUnavailable(Exception):
     """Redis did not answer, or not in time: the request must be refused.
 
@@ -120,14 +139,8 @@ class KeyStore:
     async def _connect(self, batch: _Batch) -> None:
         try:
             await self.client.connect()
-        except RedisTimeout as e:
-            self._fail(batch, StoreUnavailable("timeout", str(e)))
-        except RedisUnavailable as e:
-            self._fail(batch, StoreUnavailable("connection", str(e)))
-        except asyncio.CancelledError:  # the sidecar stops
-            self._fail(batch, StoreUnavailable("connection", "stopping"))
-        except Exception as e:  # refuse the batch rather than leave it waiting forever
-            self._fail(batch, StoreUnavailable("reply", f"cannot connect: {e!r}"))
+        except (Exception, asyncio.CancelledError) as e:  # refuse, never leave them waiting
+            self._fail(batch, _unavailable(e, "cannot connect"))
         else:
             self._queue[:0] = batch
             self._send()
@@ -184,22 +197,14 @@ class KeyStore:
         try:
             (r,) = reply.result()
             answer = Lookup._make(r) if r else (None if r is None else NOT_LOADED)
-        except ReplyError as e:
-            if str(e).startswith("NOSCRIPT") and not sent_script:
+        except (Exception, asyncio.CancelledError) as e:
+            if _noscript(e) and not sent_script:
                 retry = cluster.send_encoded(encode_bulks([*_CALL_WITH_SCRIPT, *args]), slot)
                 retry.add_done_callback(
                     partial(self._answer_one, fut, cluster, slot, args, True, left)
                 )
                 return
-            error = StoreUnavailable("reply", str(e))
-        except RedisTimeout as e:
-            error = StoreUnavailable("timeout", str(e))
-        except RedisUnavailable as e:
-            error = StoreUnavailable("connection", str(e))
-        except asyncio.CancelledError:
-            error = StoreUnavailable("connection", "stopping")
-        except Exception as e:  # a reply of another shape: refuse, and stay usable
-            error = StoreUnavailable("reply", f"unexpected reply: {e!r}")
+            error = _unavailable(e, "unexpected reply")
         else:
             if not fut.done():
                 fut.set_result(answer)
@@ -224,8 +229,8 @@ class KeyStore:
             ]
             if len(answers) != len(batch):
                 raise ValueError(f"{len(answers)} answers to {len(batch)} checks")
-        except ReplyError as e:
-            if str(e).startswith("NOSCRIPT") and not sent_script:
+        except (Exception, asyncio.CancelledError) as e:
+            if _noscript(e) and not sent_script:
                 # Redis restarted or dropped its scripts: send the script itself, once.
                 retry = self.client.send_encoded(
                     encode_bulks([*_CALL_WITH_SCRIPT, *args]), flush=True
@@ -233,15 +238,7 @@ class KeyStore:
                 if retry is not None:
                     retry.add_done_callback(partial(self._answer, batch, args, True))
                     return
-            self._fail(batch, StoreUnavailable("reply", str(e)))
-        except RedisTimeout as e:
-            self._fail(batch, StoreUnavailable("timeout", str(e)))
-        except RedisUnavailable as e:
-            self._fail(batch, StoreUnavailable("connection", str(e)))
-        except asyncio.CancelledError:  # the connecting task, as the sidecar stops
-            self._fail(batch, StoreUnavailable("connection", "stopping"))
-        except Exception as e:  # a reply of another shape: refuse, and stay usable
-            self._fail(batch, StoreUnavailable("reply", f"unexpected reply: {e!r}"))
+            self._fail(batch, _unavailable(e, "unexpected reply"))
         else:
             for (_, fut), answer in zip(batch, answers, strict=True):
                 if not fut.done():

@@ -117,7 +117,8 @@ def test_underscore_spellings_are_refused_by_the_sidecar(stack: Stack) -> None:
     them."""
     key = stack.key("contacts:read")
     routing = stack.get("/api/v1/webhooks", key=key, headers=[("X_Forwarded_Uri", "/x")])
-    assert_refused(routing, 400, bad_request("Request carries a routing header spelled with '_'"))
+    spelled = "Request carries a routing header spelled with a separator other than '-'"
+    assert_refused(routing, 400, bad_request(spelled))
     spoofed = stack.get(
         "/api/v1/contacts", key=key, headers=[("X_Wacrm_Scopes", "webhooks:manage")]
     )
