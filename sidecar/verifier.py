@@ -139,10 +139,11 @@ def _inspect(
 MAX_HEADERS = 100
 
 #: Headers with which an upstream may be told to run another method than the one checked.
-_METHOD_OVERRIDES = ("\nx-http-method-override\n", "\nx-http-method\n", "\nx-method-override\n")
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+_METHOD_OVERRIDES = tuple(f"\n{name}\n" for name in sorted(METHOD_OVERRIDES))
 #: Headers a proxy sets to tell which request is checked, or an upstream reads to pick a route.
 #: Sent with '_' for '-', they pass the proxy's overwriting and reach a server that folds '_'.
-_ROUTING = frozenset(
+ROUTING_HEADERS = frozenset(
     {
         "x-original-uri",
         "x-original-url",
@@ -169,7 +170,7 @@ def _refused_header(headers: CIMultiDictProxy[str]) -> Denial | None:
     if any(name in folded for name in _METHOD_OVERRIDES):
         return decision.METHOD_OVERRIDE
     if folded != names and any(
-        (f := name.lower().translate(_ALIASES)) != name.lower() and f in _ROUTING
+        (f := name.lower().translate(_ALIASES)) != name.lower() and f in ROUTING_HEADERS
         for name in headers
     ):
         return decision.ROUTING_HEADER

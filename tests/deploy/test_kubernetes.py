@@ -42,7 +42,7 @@ import yaml
 from referencing import Registry, Resource
 
 from demo import procs
-from sidecar import decision
+from sidecar import decision, verifier
 from tests.conftest import RedisServer
 from tests.deploy import schemas
 
@@ -1198,19 +1198,9 @@ def test_the_nginx_front_asks_the_sidecar_service() -> None:
 INGRESS_NGINX = "nginx.ingress.kubernetes.io/"
 #: ingress-nginx's own check of auth-response-headers (internal/ingress/annotations/parser).
 HEADERS_VARIABLE = re.compile(r"^[A-Za-z0-9-_, ]*$")
-ROUTING_HEADERS = {
-    "authorization",
-    "x-original-uri",
-    "x-original-url",
-    "x-original-method",
-    "x-forwarded-uri",
-    "x-forwarded-method",
-    "x-forwarded-prefix",
-    "x-rewrite-url",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-}
+#: What a front must strip on its way upstream: the key, and every header the sidecar refuses
+#: from a client because a server may read it as the route or method to run.
+ROUTING_HEADERS = {"authorization", *verifier.ROUTING_HEADERS, *verifier.METHOD_OVERRIDES}
 #: What the sidecar's 200 sets and the upstream receives: the identity and, when signing is
 #: on, its signature (docs/identity-signature.md).
 IDENTITY = {"x-wacrm-account-id", "x-wacrm-key-id", "x-wacrm-scopes", "x-wacrm-signature"}

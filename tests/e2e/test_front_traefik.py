@@ -31,8 +31,8 @@ from tests.e2e import front_traefik
 from tests.e2e.conftest import store_key
 from tests.e2e.fronts import require
 from tests.e2e.rawhttp import Response, request
+from tests.e2e.test_outage import UNAVAILABLE
 
-UNAVAILABLE = {"error": {"code": "internal", "message": "Rate limit service unavailable"}}
 IDENTITY = ("x-wacrm-account-id", "x-wacrm-key-id", "x-wacrm-scopes")
 #: Headers that name a route or method, each a different route or method than the request's.
 ROUTING = [

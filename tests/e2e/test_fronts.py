@@ -9,6 +9,7 @@ the key lacks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +22,11 @@ from tests.conftest import RedisServer
 from tests.e2e.conftest import store_key
 from tests.e2e.fronts import NAMES, front, require
 from tests.e2e.rawhttp import Response, request
+from tests.e2e.test_outage import UNAVAILABLE
 
 ACCOUNT = "7a1d6c1e-0000-4000-8000-000000000001"
 KEY_ID = "5b0e9f7c-0000-4000-8000-000000000002"
 UNAUTHORIZED = {"error": {"code": "unauthorized", "message": "Missing or invalid API key"}}
-UNAVAILABLE = {"error": {"code": "internal", "message": "Rate limit service unavailable"}}
 FORBIDDEN = "This API key is missing the 'webhooks:manage' scope"
 #: Requests a key may make in the tests' rate window: the 4th is refused.
 LIMIT = 3
@@ -102,6 +103,22 @@ def assert_refused(resp: Response, status: int, body: object) -> None:
     assert "header_list" not in resp.body.decode(errors="replace")  # not the upstream's
 
 
+def assert_unavailable(resp: Response) -> None:
+    """Assert that *resp* is the outage's answer: Wacrm's 503 JSON with ``Retry-After: 1``."""
+    assert_refused(resp, 503, UNAVAILABLE)
+    assert resp.header("Retry-After") == "1"
+
+
+@contextlib.contextmanager
+def stopped(server: procs.Process | RedisServer) -> Iterator[None]:
+    """Stop *server* for the block, and start it again after."""
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()
+
+
 def test_a_valid_key_reaches_the_upstream_with_its_identity_and_without_itself(
     stack: Stack,
 ) -> None:
@@ -176,24 +193,14 @@ def test_no_spelling_of_a_path_reaches_a_route_the_key_lacks(stack: Stack, targe
 
 def test_a_stopped_sidecar_is_a_503_json(stack: Stack) -> None:
     key = stack.key("contacts:read")
-    stack.sidecar.stop()
-    try:
-        resp = stack.get("/api/v1/contacts", key=key)
-        assert_refused(resp, 503, UNAVAILABLE)
-        assert resp.header("Retry-After") == "1"
-    finally:
-        stack.sidecar.start()
+    with stopped(stack.sidecar):
+        assert_unavailable(stack.get("/api/v1/contacts", key=key))
     assert stack.get("/api/v1/contacts", key=key).status == 200
 
 
 def test_a_stopped_redis_is_a_503_json(stack: Stack) -> None:
     key = stack.key("contacts:read")
-    stack.redis_server.stop()
-    try:
-        resp = stack.get("/api/v1/contacts", key=key)
-        assert_refused(resp, 503, UNAVAILABLE)
-        assert resp.header("Retry-After") == "1"
-    finally:
-        stack.redis_server.start()
+    with stopped(stack.redis_server):
+        assert_unavailable(stack.get("/api/v1/contacts", key=key))
     # Redis came back empty: a key stored again is served again.
     assert stack.get("/api/v1/contacts", key=stack.key("contacts:read")).status == 200
